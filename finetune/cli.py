@@ -1,0 +1,183 @@
+"""The `finetune` command line: parses flags into a command's config, runs it, prints the result.
+
+This is the only module that prints results or exits. A FinetuneError becomes one `error: ...` line on
+stderr and exit 1; Ctrl-C exits 130. Heavy modules (TensorFlow) are imported only when a command runs, so
+`finetune --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune import __version__
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its config dataclass and the function that runs it and prints its result."""
+
+    name: str
+    help: str
+    config: type
+    run: Callable[[Any, argparse.Namespace], int]  # (config, parsed args) -> exit code
+    json_output: bool = False  # offer --json
+
+
+def to_json(value: Any) -> str:
+    """JSON for a result dataclass (paths as strings), one object, sorted keys."""
+
+    def default(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return dataclasses.asdict(obj)
+        if isinstance(obj, Path):
+            return str(obj)
+        if isinstance(obj, (set, frozenset)):
+            return sorted(obj)
+        raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+    return json.dumps(value, default=default, sort_keys=True)
+
+
+# Subcommands, in the order data flows. Each issue that adds a stage adds its row.
+COMMANDS: list[Command] = []
+
+
+# ------------------------------------------------------------------------------------------ flag building
+
+
+def _unwrap_optional(kind: Any) -> Any:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return kind
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """Adds one argument per field of a config dataclass, from the field's type and option() metadata."""
+    hints = typing.get_type_hints(config)
+    for spec in dataclasses.fields(config):
+        meta = spec.metadata
+        kind = _unwrap_optional(hints[spec.name])
+        has_default = spec.default is not dataclasses.MISSING
+        help_text = meta.get("help", "")
+        if has_default and spec.default not in (None, (), ""):
+            shown = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else spec.default
+            if isinstance(spec.default, bool):
+                shown = "on" if spec.default else "off"
+            help_text += f" (default: {shown})"
+        kwargs: dict[str, Any] = {"help": help_text}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kwargs["type"] = typing.get_args(kind)[0]
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = kind
+        if meta.get("positional"):
+            if has_default:
+                kwargs["nargs"] = "?" if "nargs" not in kwargs else "*"
+                kwargs["default"] = spec.default
+            parser.add_argument(spec.name, **kwargs)
+        else:
+            flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
+            if has_default:
+                kwargs["default"] = spec.default
+            else:
+                kwargs["required"] = True
+            parser.add_argument(flag, dest=spec.name, **kwargs)
+
+
+def config_from_args(config: type, args: argparse.Namespace) -> Any:
+    """Builds the config dataclass from parsed args; its __post_init__ validates."""
+    values = {}
+    for spec in dataclasses.fields(config):
+        value = getattr(args, spec.name)
+        values[spec.name] = tuple(value) if isinstance(value, list) else value
+    return config(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS,
+        help="more detail on stderr; -v also shows TensorFlow's own log lines",
+    )  # fmt: skip
+    verbosity.add_argument(
+        "-q", "--quiet", action="count", default=argparse.SUPPRESS,
+        help="only warnings and errors on stderr",
+    )  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune TF-slim's ImageNet InceptionV3 on a folder of labelled images.",
+        parents=[verbosity],
+    )
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(
+            command.name, help=command.help, description=command.help, parents=[verbosity]
+        )
+        add_config_arguments(sub, command.config)
+        if command.json_output:
+            sub.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        sub.set_defaults(command_spec=command)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return message
+
+
+def configure_logging(verbosity: int) -> None:
+    """Progress and logs on stderr: -q warnings only, default info, -v debug and TensorFlow's logs."""
+    if verbosity > 0:
+        os.environ["FINETUNE_VERBOSE"] = "1"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
+    command: Command | None = getattr(args, "command_spec", None)
+    if command is None:
+        parser.print_help()
+        return 0
+    try:
+        config = config_from_args(command.config, args)
+        return command.run(config, args)
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

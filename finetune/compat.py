@@ -1,0 +1,97 @@
+"""TensorFlow and tf-slim, imported once, quietly, with tf-slim 1.1.0 patched to run on TF 2.21.
+
+Every module of the package takes TensorFlow and tf-slim from here:
+
+    from finetune.compat import tf, slim, inception
+
+Nothing else in the package imports ``tf_slim``, so the patches below are in place before tf-slim's first
+import (Python runs this module once per process). Each patch restores a name that tf-slim 1.1.0 (2020, the
+last release) reads and that TensorFlow has since moved; none changes behaviour. A patch only fills a name
+that is missing, so on a TensorFlow that still has it nothing is touched.
+
+Not patched, on purpose: ``slim.batch_norm`` with the default ``updates_collections=UPDATE_OPS`` takes a
+path through ``tensorflow.python.layers.normalization`` that imports ``tf_keras.legacy_tf_layers``, which no
+released tf_keras provides any more. ``finetune.model`` always passes its own collection name, which keeps
+batch norm on slim's fused path; there is nothing to patch as long as that holds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+# Set FINETUNE_VERBOSE=1 (the CLI's -v does) to see TensorFlow's own log lines.
+VERBOSE = os.environ.get("FINETUNE_VERBOSE", "") not in ("", "0")
+
+
+def _import_tensorflow():
+    """Imports TensorFlow; unless verbose, without the C++ lines it prints at import.
+
+    TensorFlow prints its oneDNN and CUDA notices to file descriptor 2 before absl logging is set up, so
+    TF_CPP_MIN_LOG_LEVEL does not reach them. Pointing descriptor 2 at /dev/null for the import is the
+    only way to keep them off the terminal; a Python exception raised by the import still surfaces.
+    """
+    if VERBOSE:
+        import tensorflow
+
+        return tensorflow
+    # Level 3 also hides "failed call to cuInit" on machines without a GPU; real failures still raise.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    tensorflow.get_logger().setLevel("ERROR")
+    return tensorflow
+
+
+def _patch_tensorflow_for_tf_slim() -> list[str]:
+    """Fills the names tf-slim 1.1.0 reads from TensorFlow modules that TF 2.21 moved. Returns what it set."""
+    from tensorflow.python.framework import ops
+    from tensorflow.python.framework import tensor
+    from tensorflow.python.ops import array_ops, array_ops_stack, control_flow_case, control_flow_ops
+    from tensorflow.python.ops import cond
+
+    patches = [
+        # `ops.Tensor` became `tensor.Tensor` (TF 2.14). tf-slim's `layers.utils.constant_value` checks
+        # `isinstance(x, ops.Tensor)` inside every `slim.batch_norm`, so without it no InceptionV3 builds;
+        # `learning.py` and `layers/optimizers.py` read it too. Can go when tf-slim stops naming ops.Tensor.
+        (ops, "Tensor", tensor.Tensor),
+        # `control_flow_ops.cond` moved to `ops.cond` (TF 2.13). tf-slim's `layers.utils.smart_cond` calls it
+        # when `is_training` is a tensor, and `tfexample_decoder.Image` when choosing the JPEG decoder.
+        (control_flow_ops, "cond", cond.cond),
+        # `control_flow_ops.case` moved to `ops.control_flow_case` (TF 2.13). `tfexample_decoder.Image`
+        # calls it to pick a decoder by `image/format`.
+        (control_flow_ops, "case", control_flow_case.case),
+        # `array_ops.stack` / `unstack` moved to `ops.array_ops_stack` (TF 2.13). `tfexample_decoder.Tensor`
+        # stacks shape keys; `legacy_fully_connected` unstacks a shape; several metrics use both.
+        (array_ops, "stack", array_ops_stack.stack),
+        (array_ops, "unstack", array_ops_stack.unstack),
+    ]
+    applied = []
+    for module, name, value in patches:
+        if not hasattr(module, name):
+            setattr(module, name, value)
+            applied.append(f"{module.__name__}.{name}")
+    return applied
+
+
+tf = _import_tensorflow()
+PATCHES_APPLIED = tuple(_patch_tensorflow_for_tf_slim())
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import tf_slim as slim  # noqa: E402  (after the patches, by design)
+    from tf_slim.nets import inception_v3 as inception  # noqa: E402
+
+# tf-slim builds its conv layers through `layer.apply`, which warns once per layer; the user cannot act on it.
+warnings.filterwarnings("ignore", message=r"`layer\.apply` is deprecated")
+
+__all__ = ["tf", "slim", "inception", "PATCHES_APPLIED"]

@@ -1,0 +1,360 @@
+"""Slim's InceptionV3 for N classes: build it, name its layers, restore the pretrained part, train a subset.
+
+Vocabulary: a *scope* is a variable-scope prefix such as ``InceptionV3/Mixed_7c``; a *preset* names a group
+of them (``logits``, ``mixed_7``, ``mixed_6``, ``all``). The head is ``InceptionV3/Logits`` and
+``InceptionV3/AuxLogits``.
+
+Layers outside the scopes being trained run in inference mode: their batch norm normalises with the moving
+statistics and never updates them, and dropout is off unless the Logits scope is trained. slim's own trainer
+runs every layer with ``is_training=True``, so frozen layers' statistics drift toward the new data; here they
+stay bit-identical to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from finetune.compat import inception, slim, tf
+from finetune.errors import CheckpointError, FinetuneError, ScopeError
+
+ROOT = "InceptionV3"
+# Every variable-holding block of slim's InceptionV3, input to output (the two max pools hold none).
+BLOCKS = (
+    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+    "Mixed_5b", "Mixed_5c", "Mixed_5d",
+    "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+    "Mixed_7a", "Mixed_7b", "Mixed_7c",
+    "AuxLogits", "Logits",
+)  # fmt: skip
+SCOPES = tuple(f"{ROOT}/{block}" for block in BLOCKS)
+LOGITS_SCOPE = f"{ROOT}/Logits"
+AUX_SCOPE = f"{ROOT}/AuxLogits"
+HEAD_SCOPES = (LOGITS_SCOPE, AUX_SCOPE)
+_MIXED_7 = tuple(f"{ROOT}/Mixed_7{c}" for c in "abc")
+_MIXED_6 = tuple(f"{ROOT}/Mixed_6{c}" for c in "abcde")
+PRESETS = {
+    "logits": HEAD_SCOPES,
+    "mixed_7": HEAD_SCOPES + _MIXED_7,
+    "mixed_6": HEAD_SCOPES + _MIXED_7 + _MIXED_6,
+    "all": (ROOT,),
+}
+
+# The ImageNet checkpoint's head: 1000 classes plus "background" at index 0.
+CHECKPOINT_CLASSES = 1001
+DEFAULT_IMAGE_SIZE = 299
+FEATURE_SIZE = 2048  # values after the final average pool, which feed the Logits layer
+# Name of the collection that holds batch-norm moving-statistics updates of the layers being trained. Any name
+# but tf.GraphKeys.UPDATE_OPS keeps slim.batch_norm on its fused path (see finetune/compat.py); the train op
+# must run these ops.
+BATCH_NORM_UPDATES = "finetune_batch_norm_updates"
+_POOL_OUTPUTS = "finetune_avg_pool_outputs"
+# The logits layer's bias: its presence marks a checkpoint with a head, its length is the class count.
+_LOGITS_BIAS = f"{LOGITS_SCOPE}/Conv2d_1c_1x1/biases"
+_FIRST_WEIGHTS = f"{ROOT}/Conv2d_1a_3x3/weights"
+
+
+# --------------------------------------------------------------------------------------------------- scopes
+
+
+def resolve_scopes(value: str, flag: str) -> tuple[str, ...]:
+    """Turns a preset name or a comma-separated list of presets and scopes into scope names.
+
+    Scopes may be written in full (``InceptionV3/Mixed_7c``) or without the root (``Mixed_7c``);
+    ``none`` or an empty string gives no scopes.
+
+    Raises:
+        ScopeError: a name is neither a preset nor a scope; the message lists the valid names.
+    """
+    scopes: list[str] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item or item == "none":
+            continue
+        if item in PRESETS:
+            found = PRESETS[item]
+        elif item == ROOT or item in SCOPES:
+            found = (item,)
+        elif f"{ROOT}/{item}" in SCOPES:
+            found = (f"{ROOT}/{item}",)
+        else:
+            raise ScopeError(
+                f"{flag}: unknown scope {item!r}; use a preset ({', '.join(PRESETS)}) or comma-separated "
+                f"scopes from: {', '.join(block for block in BLOCKS)} (with or without the '{ROOT}/' prefix)"
+            )
+        scopes.extend(scope for scope in found if scope not in scopes)
+    return tuple(scopes)
+
+
+def in_scopes(name: str, scopes: Iterable[str]) -> bool:
+    """True when a variable or op name lies under one of the scopes (a whole path component match)."""
+    return any(name == scope or name.startswith(scope + "/") for scope in scopes)
+
+
+def scope_of(name: str) -> str:
+    """The block scope a variable belongs to, e.g. ``InceptionV3/Mixed_7c``; the name itself if none."""
+    return next((scope for scope in SCOPES if in_scopes(name, (scope,))), name)
+
+
+# ----------------------------------------------------------------------------------------------- image size
+
+
+def _valid(size: int, kernel: int, stride: int = 1) -> int:
+    return (size - kernel) // stride + 1
+
+
+def feature_map_sizes(image_size: int) -> tuple[int, int]:
+    """Spatial sizes of Mixed_6e and Mixed_7c for a square input (slim's VALID convs and pools)."""
+    size = _valid(image_size, 3, 2)  # Conv2d_1a_3x3
+    size = _valid(size, 3)  # Conv2d_2a_3x3
+    size = _valid(size, 3, 2)  # MaxPool_3a_3x3
+    size = _valid(size, 3)  # Conv2d_4a_3x3
+    size = _valid(size, 3, 2)  # MaxPool_5a_3x3
+    mixed_6 = _valid(size, 3, 2)  # Mixed_6a
+    return mixed_6, _valid(mixed_6, 3, 2)  # Mixed_7a
+
+
+def aux_head_fits(image_size: int) -> bool:
+    """Whether slim's aux head can be built: its fixed 5x5/3 pool needs Mixed_6e to be 5x5 or more.
+
+    That is 107 pixels and up; every size up to MAX_IMAGE_SIZE then gives 1x1 aux logits.
+    """
+    mixed_6, _ = feature_map_sizes(image_size)
+    return mixed_6 >= 5
+
+
+# Mixed_7a's 3x3 VALID conv needs Mixed_6 to be at least 3x3, hence 75. tf-slim 1.1.0's final pool is at most
+# 8x8 (no global_pool option), so above 330 pixels the logits stop being 1x1 and cannot be squeezed.
+MIN_IMAGE_SIZE = 75
+MAX_IMAGE_SIZE = 330
+
+
+def check_image_size(image_size: int, flag: str = "--image-size") -> None:
+    """Raises FinetuneError for an image size the network cannot take."""
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise FinetuneError(
+            f"{flag} {image_size} is out of range: slim's InceptionV3 takes {MIN_IMAGE_SIZE} to "
+            f"{MAX_IMAGE_SIZE} pixels; use {DEFAULT_IMAGE_SIZE}, the size it was pretrained at, unless "
+            "you need speed (smaller) more than accuracy"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ the graph
+
+
+@dataclass(frozen=True)
+class Network:
+    """The tensors of one InceptionV3 built for N classes."""
+
+    logits: tf.Tensor  # [batch, classes]
+    probabilities: tf.Tensor  # softmax of logits
+    features: tf.Tensor  # [batch, 2048], the final average pool, which feeds dropout and the Logits layer
+    aux_logits: tf.Tensor | None  # [batch, classes] when the aux head was built, else None
+    end_points: dict
+
+
+def build(
+    images: tf.Tensor,
+    num_classes: int,
+    *,
+    train_scopes: Sequence[str] = (),
+    dropout_keep_prob: float = 0.8,
+    aux_logits: bool = True,
+    reuse: bool | None = None,
+) -> Network:
+    """Builds slim's InceptionV3 on ``images`` ([batch, S, S, 3] in [-1, 1]) in the current graph.
+
+    Args:
+        images: a float tensor with a static square spatial size of at least 75.
+        num_classes: width of the new head.
+        train_scopes: scopes whose layers run in training mode (batch statistics, moving averages updated
+            through BATCH_NORM_UPDATES, dropout under Logits). Empty builds the inference graph.
+        dropout_keep_prob: keep probability of the dropout before Logits while it trains (slim's 0.8).
+        aux_logits: build the aux head when it is being trained and the image size allows it.
+        reuse: reuse the variables of an earlier build (a second tower, an eval graph beside training).
+    """
+    size = images.shape[1]
+    if size is None or images.shape[2] != size:
+        raise ValueError(f"images must have a static square spatial size, got {images.shape}")
+    check_image_size(size, flag="image size")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    train_scopes = tuple(train_scopes)
+    with_aux = (
+        aux_logits and in_scopes(AUX_SCOPE, train_scopes) and aux_head_fits(size)
+    )
+
+    def batch_norm(inputs, **params):
+        # Called by slim.conv2d inside the conv's variable scope, so the scope says which block this is.
+        # An explicit is_training overrides the one inception_v3 sets for every layer through arg_scope.
+        layer = tf.compat.v1.get_variable_scope().name
+        params["is_training"] = in_scopes(layer, train_scopes)
+        return slim.batch_norm(inputs, **params)
+
+    arg_scope = inception.inception_v3_arg_scope(
+        weight_decay=0.0,  # decay is added by the trainer, on trained weights only
+        updates_collections=BATCH_NORM_UPDATES,
+    )
+    # slim's PreLogits end point is taken after dropout; the features are the final pool's output, which
+    # only slim's outputs collection exposes. Each build adds its pools; this build's are the new ones.
+    pools = tf.compat.v1.get_collection_ref(_POOL_OUTPUTS)
+    first_new_pool = len(pools)
+    with slim.arg_scope(arg_scope), slim.arg_scope([slim.conv2d], normalizer_fn=batch_norm), slim.arg_scope(
+        [slim.avg_pool2d], outputs_collections=_POOL_OUTPUTS
+    ):
+        logits, end_points = inception.inception_v3(
+            images,
+            num_classes=num_classes,
+            # Only dropout still reads this: batch norm takes its mode from the wrapper above.
+            is_training=in_scopes(LOGITS_SCOPE, train_scopes),
+            dropout_keep_prob=dropout_keep_prob,
+            create_aux_logits=with_aux,
+            reuse=reuse,
+        )
+    final_pool = next(
+        p for p in pools[first_new_pool:] if any("/Logits/AvgPool_1a" in a for a in p.aliases)
+    )
+    return Network(
+        logits=logits,
+        probabilities=end_points["Predictions"],
+        features=tf.squeeze(final_pool, [1, 2], name="Features"),
+        aux_logits=end_points.get("AuxLogits"),
+        end_points=end_points,
+    )
+
+
+def model_variables() -> list[tf.Variable]:
+    """All variables of the network in the current graph, batch-norm moving statistics included."""
+    return list(slim.get_model_variables())
+
+
+def trainable_variables(scopes: Sequence[str]) -> list[tf.Variable]:
+    """The variables an optimizer should update for these scopes (weights, biases, batch-norm betas)."""
+    return [v for v in tf.compat.v1.trainable_variables() if in_scopes(v.op.name, scopes)]
+
+
+def parameter_count(variables: Iterable[tf.Variable]) -> int:
+    return sum(int(v.shape.num_elements()) for v in variables)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A readable InceptionV3 checkpoint: its prefix for Saver.restore and its variable shapes."""
+
+    path: str
+    shapes: dict[str, list[int]]
+
+    @property
+    def num_classes(self) -> int | None:
+        shape = self.shapes.get(_LOGITS_BIAS)
+        return shape[0] if shape else None
+
+
+def _checkpoint_prefix(path: str, flag: str) -> str:
+    """Finds the checkpoint a path means: a V1 file, a V2 prefix (or one of its files), or a folder."""
+    if os.path.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest:
+            return latest
+        singles = sorted(name for name in os.listdir(path) if name.endswith(".ckpt"))
+        if len(singles) == 1:
+            return os.path.join(path, singles[0])
+        raise CheckpointError(
+            f"{flag} {path}: the folder holds no checkpoint; pass a .ckpt file, a train dir with "
+            "checkpoints, or run `finetune download` to fetch the pretrained one"
+        )
+    for suffix in (".index", ".meta"):
+        if path.endswith(suffix) and os.path.exists(path[: -len(suffix)] + ".index"):
+            return path[: -len(suffix)]
+    if ".data-" in path and os.path.exists(path.split(".data-")[0] + ".index"):
+        return path.split(".data-")[0]
+    if os.path.isfile(path) or os.path.exists(path + ".index"):
+        return path
+    raise CheckpointError(
+        f"{flag} {path}: no such checkpoint; run `finetune download` to fetch the pretrained one, "
+        "or pass the path of a .ckpt file or a train dir"
+    )
+
+
+def open_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> Checkpoint:
+    """Reads a checkpoint's variable shapes (V1 single file or V2), checking that it is an InceptionV3 one.
+
+    Raises:
+        CheckpointError: missing, unreadable, or not an InceptionV3 checkpoint.
+    """
+    prefix = _checkpoint_prefix(os.fspath(path), flag)
+    try:
+        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+    except (tf.errors.OpError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{flag} {prefix}: not a readable TensorFlow checkpoint ({reason}); "
+            "run `finetune download --force` to fetch the pretrained one again"
+        ) from None
+    shapes = reader.get_variable_to_shape_map()
+    if _FIRST_WEIGHTS not in shapes:
+        raise CheckpointError(
+            f"{flag} {prefix}: a TensorFlow checkpoint, but not of slim's InceptionV3 (no {_FIRST_WEIGHTS}); "
+            "pass inception_v3.ckpt from `finetune download` or a finetune train dir"
+        )
+    return Checkpoint(path=prefix, shapes=shapes)
+
+
+def default_exclusions(num_classes: int, checkpoint: Checkpoint) -> tuple[str, ...]:
+    """The scopes not to restore when the user names none: the head, unless its class count matches."""
+    return () if checkpoint.num_classes == num_classes else HEAD_SCOPES
+
+
+def variables_to_restore(exclude_scopes: Sequence[str] = ()) -> list[tf.Variable]:
+    """Model variables outside the excluded scopes; never optimizer slots or the global step."""
+    return [v for v in model_variables() if not in_scopes(v.op.name, exclude_scopes)]
+
+
+def check_restorable(
+    variables: Sequence[tf.Variable], checkpoint: Checkpoint, flag: str = "--exclude"
+) -> None:
+    """Checks every variable against the checkpoint before anything is restored.
+
+    Raises:
+        CheckpointError: naming the first variable that is missing or has another shape, both shapes,
+            how many more there are, and the flag that leaves them out of the restore.
+    """
+    problems = []
+    for variable in variables:
+        name = variable.op.name
+        model_shape = variable.shape.as_list()
+        if name not in checkpoint.shapes:
+            problems.append((name, f"{name} {model_shape} is not in checkpoint {checkpoint.path}"))
+        elif checkpoint.shapes[name] != model_shape:
+            problems.append((
+                name,
+                f"{name} has shape {model_shape} in the model but {checkpoint.shapes[name]} in checkpoint "
+                f"{checkpoint.path}",
+            ))  # fmt: skip
+    if not problems:
+        return
+    scopes = sorted({scope_of(name) for name, _ in problems}, key=SCOPES.index)
+    others = len(problems) - 1
+    more = f" (and {others} more variable{'s' if others > 1 else ''})" if others else ""
+    raise CheckpointError(
+        f"{problems[0][1]}{more}; to initialise them fresh instead of restoring, pass "
+        f"{flag} {','.join(scopes)}"
+    )
+
+
+def restore(session: tf.compat.v1.Session, variables: Sequence[tf.Variable], checkpoint: Checkpoint) -> None:
+    """Loads the variables' values from the checkpoint (checked first with check_restorable)."""
+    check_restorable(variables, checkpoint)
+    if not variables:
+        return
+    saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables}, write_version=2)
+    try:
+        saver.restore(session, checkpoint.path)
+    except tf.errors.OpError as exc:
+        raise CheckpointError(
+            f"--checkpoint {checkpoint.path}: restoring failed ({exc.message.splitlines()[0]}); "
+            "the file may be damaged: run `finetune download --force`"
+        ) from None

@@ -1,0 +1,218 @@
+"""The model module: scopes, restore with exclusions, shape checks, and training only the chosen layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from finetune import model
+from finetune.compat import tf
+from finetune.errors import CheckpointError, FinetuneError, ScopeError
+
+SIZE = 107  # the smallest size at which slim's aux head exists, so the head presets are complete
+BATCH = 4
+
+
+def _images(seed=0):
+    return tf.random.stateless_uniform([BATCH, SIZE, SIZE, 3], seed=[seed, 7], minval=-1, maxval=1)
+
+
+def _values(session, variables):
+    return dict(zip([v.op.name for v in variables], session.run(variables)))
+
+
+# ---------------------------------------------------------------------------------------------- scopes
+
+
+def test_presets_resolve_to_block_scopes():
+    assert model.resolve_scopes("logits", "--trainable") == ("InceptionV3/Logits", "InceptionV3/AuxLogits")
+    mixed_7 = model.resolve_scopes("mixed_7", "--trainable")
+    assert mixed_7[2:] == ("InceptionV3/Mixed_7a", "InceptionV3/Mixed_7b", "InceptionV3/Mixed_7c")
+    assert len(model.resolve_scopes("mixed_6", "--trainable")) == 2 + 3 + 5
+    assert model.resolve_scopes("all", "--trainable") == ("InceptionV3",)
+
+
+def test_scope_lists_accept_short_and_full_names_without_repeats():
+    scopes = model.resolve_scopes("Mixed_7c, InceptionV3/Logits,logits", "--trainable")
+    assert scopes == ("InceptionV3/Mixed_7c", "InceptionV3/Logits", "InceptionV3/AuxLogits")
+    assert model.resolve_scopes("none", "--exclude") == ()
+    assert model.resolve_scopes("", "--exclude") == ()
+
+
+def test_unknown_scope_error_lists_the_valid_names():
+    with pytest.raises(ScopeError) as error:
+        model.resolve_scopes("logits,Mixed_9z", "--trainable")
+    message = str(error.value)
+    assert message.startswith("--trainable: unknown scope 'Mixed_9z'")
+    for name in ("logits", "mixed_7", "mixed_6", "all", "Conv2d_1a_3x3", "Mixed_6e", "AuxLogits"):
+        assert name in message
+
+
+def test_in_scopes_matches_whole_path_components():
+    assert model.in_scopes("InceptionV3/Mixed_7c/Branch_0/weights", ["InceptionV3/Mixed_7c"])
+    assert not model.in_scopes("InceptionV3/Mixed_7cc/weights", ["InceptionV3/Mixed_7c"])
+
+
+# ------------------------------------------------------------------------------------------ image sizes
+
+
+def test_image_size_range_is_checked():
+    for bad in (74, 331):
+        with pytest.raises(FinetuneError, match="--image-size"):
+            model.check_image_size(bad)
+    assert not model.aux_head_fits(106) and model.aux_head_fits(107) and model.aux_head_fits(299)
+
+
+@pytest.mark.parametrize("size", [75, 106, 107, 330])
+def test_network_builds_at_the_edges_of_its_size_range(size):
+    with tf.Graph().as_default():
+        images = tf.zeros([2, size, size, 3])
+        net = model.build(images, 5, train_scopes=model.PRESETS["logits"])
+        assert net.logits.shape.as_list() == [2, 5]
+        assert net.features.shape.as_list() == [2, model.FEATURE_SIZE]
+        assert (net.aux_logits is not None) == model.aux_head_fits(size)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_opens_v1_file_v2_prefix_and_train_dir(standin_checkpoint, tmp_path):
+    v1 = model.open_checkpoint(standin_checkpoint)
+    assert v1.num_classes == 1001 and len(v1.shapes) == 388
+    assert v1.shapes["InceptionV3/Logits/Conv2d_1c_1x1/weights"] == [1, 1, 2048, 1001]
+    with tf.Graph().as_default():
+        model.build(tf.zeros([1, 75, 75, 3]), 5)
+        saver = tf.compat.v1.train.Saver(model.model_variables())
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            prefix = saver.save(session, str(tmp_path / "model.ckpt"), global_step=3)
+    for path in (prefix, prefix + ".index", tmp_path):
+        v2 = model.open_checkpoint(path)
+        assert v2.path == prefix and v2.num_classes == 5
+
+
+def test_checkpoint_errors_name_the_path_and_the_fix(tmp_path):
+    with pytest.raises(CheckpointError, match=r"--checkpoint .*nope.ckpt: no such checkpoint; run `finetune download`"):
+        model.open_checkpoint(tmp_path / "nope.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"<html>not a checkpoint</html>")
+    with pytest.raises(CheckpointError, match="not a readable TensorFlow checkpoint"):
+        model.open_checkpoint(junk)
+    with tf.Graph().as_default():
+        other = tf.compat.v1.get_variable("resnet/conv1/weights", [3])
+        with tf.compat.v1.Session() as session:
+            session.run(other.initializer)
+            path = tf.compat.v1.train.Saver([other]).save(session, str(tmp_path / "resnet.ckpt"))
+    with pytest.raises(CheckpointError, match="not of slim's InceptionV3"):
+        model.open_checkpoint(path)
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        model.open_checkpoint(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
+
+
+def test_default_exclusion_restores_everything_else_exactly(standin_checkpoint, checkpoint_values):
+    checkpoint = model.open_checkpoint(standin_checkpoint)
+    exclude = model.default_exclusions(5, checkpoint)
+    assert exclude == model.HEAD_SCOPES
+    with tf.Graph().as_default():
+        model.build(_images(), 5, train_scopes=model.PRESETS["logits"])
+        to_restore = model.variables_to_restore(exclude)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            model.restore(session, to_restore, checkpoint)
+            values = _values(session, model.model_variables())
+    restored = {v.op.name for v in to_restore}
+    assert len(restored) == len(values) - sum(model.in_scopes(n, model.HEAD_SCOPES) for n in values)
+    for name in restored:
+        assert np.array_equal(values[name], checkpoint_values[name]), name
+    assert values["InceptionV3/Logits/Conv2d_1c_1x1/weights"].shape == (1, 1, 2048, 5)
+    assert values["InceptionV3/Logits/Conv2d_1c_1x1/biases"].shape == (5,)
+    # A head layer whose shape matches the checkpoint's still starts fresh, not from the checkpoint.
+    fresh = "InceptionV3/AuxLogits/Conv2d_1b_1x1/weights"
+    assert values[fresh].shape == checkpoint_values[fresh].shape
+    assert not np.allclose(values[fresh], checkpoint_values[fresh])
+
+
+def test_restoring_the_1001_class_head_into_5_classes_names_variable_shapes_and_flag(standin_checkpoint):
+    checkpoint = model.open_checkpoint(standin_checkpoint)
+    with tf.Graph().as_default():
+        model.build(tf.zeros([1, SIZE, SIZE, 3]), 5)
+        with tf.compat.v1.Session() as session:
+            with pytest.raises(CheckpointError) as error:
+                model.restore(session, model.variables_to_restore(()), checkpoint)
+    message = str(error.value)
+    assert "InceptionV3/Logits/Conv2d_1c_1x1/weights has shape [1, 1, 2048, 5] in the model" in message
+    assert "[1, 1, 2048, 1001] in checkpoint" in message
+    assert message.endswith("pass --exclude InceptionV3/Logits")
+
+
+def test_same_class_count_restores_the_head_too(standin_checkpoint):
+    checkpoint = model.open_checkpoint(standin_checkpoint)
+    assert model.default_exclusions(1001, checkpoint) == ()
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _train_a_few_steps(checkpoint, train_scopes, steps=3):
+    """Restores, then runs a few SGD steps on random images; returns variables before and after."""
+    with tf.Graph().as_default():
+        tf.compat.v1.set_random_seed(0)
+        net = model.build(_images(), 5, train_scopes=train_scopes)
+        labels = tf.constant([0, 1, 2, 3])
+        loss = tf.compat.v1.losses.sparse_softmax_cross_entropy(labels, net.logits)
+        if net.aux_logits is not None:
+            loss += 0.4 * tf.compat.v1.losses.sparse_softmax_cross_entropy(labels, net.aux_logits)
+        trainable = model.trainable_variables(train_scopes)
+        step = tf.compat.v1.train.GradientDescentOptimizer(0.5).minimize(loss, var_list=trainable)
+        train_op = tf.group(step, *tf.compat.v1.get_collection(model.BATCH_NORM_UPDATES))
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            model.restore(session, model.variables_to_restore(model.HEAD_SCOPES), checkpoint)
+            everything = model.model_variables()
+            before = _values(session, everything)
+            for _ in range(steps):
+                session.run(train_op)
+            after = _values(session, everything)
+    return [v.op.name for v in trainable], before, after
+
+
+@pytest.mark.slow
+def test_training_logits_changes_exactly_the_head(standin_checkpoint):
+    checkpoint = model.open_checkpoint(standin_checkpoint)
+    trainable, before, after = _train_a_few_steps(checkpoint, model.PRESETS["logits"])
+    head = {n for n in before if model.in_scopes(n, model.HEAD_SCOPES) and "moving_" not in n}
+    assert set(trainable) == head and len(head) == 8
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    # Every trained variable moved, and the aux head's batch norm updated its statistics...
+    assert head <= changed
+    assert "InceptionV3/AuxLogits/Conv2d_1b_1x1/BatchNorm/moving_mean" in changed
+    # ...and nothing else did: frozen weights and frozen batch-norm statistics are bit-identical.
+    assert all(model.in_scopes(n, model.HEAD_SCOPES) for n in changed)
+
+
+@pytest.mark.slow
+def test_training_mixed_7_changes_its_blocks_and_nothing_below(standin_checkpoint):
+    checkpoint = model.open_checkpoint(standin_checkpoint)
+    scopes = model.PRESETS["mixed_7"]
+    trainable, before, after = _train_a_few_steps(checkpoint, scopes)
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert set(trainable) <= changed
+    mixed_7_stats = {n for n in before if model.in_scopes(n, scopes[2:]) and "moving_" in n}
+    assert mixed_7_stats and mixed_7_stats <= changed
+    assert any("Mixed_7a" in n for n in trainable) and any("Mixed_7c" in n for n in trainable)
+    assert all(model.in_scopes(n, scopes) for n in changed)
+
+
+@pytest.mark.slow
+def test_frozen_layers_compute_in_inference_mode(standin_checkpoint):
+    """The features feeding a trained head equal the pure inference graph's: no batch statistics used."""
+    checkpoint = model.open_checkpoint(standin_checkpoint)
+    with tf.Graph().as_default():
+        images = _images(seed=3)
+        train_net = model.build(images, 5, train_scopes=model.PRESETS["logits"])
+        eval_net = model.build(images, 5, reuse=True)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            model.restore(session, model.variables_to_restore(model.HEAD_SCOPES), checkpoint)
+            train_features, eval_features = session.run([train_net.features, eval_net.features])
+    np.testing.assert_allclose(train_features, eval_features, rtol=1e-5, atol=1e-5)
