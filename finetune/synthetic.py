@@ -146,14 +146,23 @@ def make_image_folder(
     return ImageFolder(root=root, classes=names, files=files)
 
 
+def _calibration_images(count: int, size: int, seed: int) -> np.ndarray:
+    """Generated pictures of every class shape, scaled into [-1, 1] as the network expects."""
+    rng = np.random.default_rng(seed)
+    pictures = [np.asarray(_draw_image(rng, index, size, size), np.float32) for index in range(count)]
+    return np.stack(pictures) / 127.5 - 1.0
+
+
 def write_standin_checkpoint(
     path: str | os.PathLike, *, num_classes: int = 1001, seed: int = 0, version: int = 1
 ) -> Path:
-    """Writes an InceptionV3 checkpoint with slim's variable names and shapes and random values.
+    """Writes an InceptionV3 checkpoint with slim's variable names and shapes and random weights.
 
-    Weights come from slim's own initialisers; biases, batch-norm betas and moving statistics are drawn at
-    random too, so a restore that silently kept fresh values would show. ``version=1`` writes the V1 single
-    file, as inside the published tarball; ``version=2`` writes a V2 prefix, as training does.
+    Weights come from slim's seeded initialisers, biases and batch-norm betas are drawn at random, and each
+    batch norm's moving statistics are set to the statistics one pass over generated pictures produces, as
+    in a trained network. Without that calibration random statistics wash the features out. Every value
+    differs from a fresh initialisation, so a restore that silently kept fresh values would show.
+    ``version=1`` writes the V1 single file, as inside the published tarball; ``version=2`` a V2 prefix.
     """
     from finetune import model
     from finetune.compat import tf
@@ -161,24 +170,32 @@ def write_standin_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    size = model.DEFAULT_IMAGE_SIZE
     with tf.Graph().as_default() as graph:
         tf.compat.v1.set_random_seed(seed)
-        images = tf.compat.v1.placeholder(tf.float32, [1, model.DEFAULT_IMAGE_SIZE, model.DEFAULT_IMAGE_SIZE, 3])
+        images = tf.constant(_calibration_images(16, size, seed))
         model.build(images, num_classes, train_scopes=model.PRESETS["all"])
         variables = model.model_variables()
-        assignments = []
+        by_name = {v.op.name: v for v in variables}
+        randomise = []
         for variable in variables:
-            name, shape = variable.op.name, variable.shape.as_list()
-            if name.endswith("moving_variance"):
-                value = rng.uniform(0.5, 1.5, shape)
-            elif name.endswith(("moving_mean", "beta", "biases")):
-                value = rng.normal(0.0, 0.1, shape)
-            else:
-                continue  # weights keep slim's seeded initialisers
-            assignments.append(variable.assign(value.astype(np.float32)))
+            if variable.op.name.endswith(("beta", "biases")):
+                value = rng.normal(0.0, 0.1, variable.shape.as_list()).astype(np.float32)
+                randomise.append(variable.assign(value))
+        # Each fused batch norm's second and third outputs are its batch mean and variance.
+        calibrate = []
+        for op in graph.get_operations():
+            if op.type.startswith("FusedBatchNorm") and not op.type.endswith("Grad"):
+                # Op names repeat the root ("InceptionV3/InceptionV3/...": slim reopens its variable scope
+                # inside a name scope); the variable's name is the op's layer path from the second root on.
+                layer = op.name.rsplit("/", 1)[0]
+                layer = layer[layer.index(model.ROOT + "/", 1):] if layer.count(model.ROOT + "/") > 1 else layer
+                calibrate.append(by_name[f"{layer}/moving_mean"].assign(op.outputs[1]))
+                calibrate.append(by_name[f"{layer}/moving_variance"].assign(op.outputs[2]))
         with tf.compat.v1.Session(graph=graph) as session:
             session.run(tf.compat.v1.global_variables_initializer())
-            session.run(assignments)
+            session.run(randomise)
+            session.run(calibrate)
             saver = tf.compat.v1.train.Saver(
                 variables, write_version=tf.compat.v1.train.SaverDef.V1 if version == 1 else 2
             )
