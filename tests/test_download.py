@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import shutil
 import socket
 import tarfile
@@ -63,6 +64,15 @@ def checkpoint_bytes(standin_checkpoint) -> bytes:
     return standin_checkpoint.read_bytes()
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """cli.main points the finetune logger at this test's captured stderr; put it back for later tests."""
+    logger = logging.getLogger("finetune")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
 @pytest.fixture
 def server():
     with LocalServer() as running:
@@ -85,11 +95,19 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/{TARBALL}"
 
 
-def _finetune(capsys, *args: str) -> tuple[int, str, str]:
+def _finetune(capsys, dest: Path, url: str | None, *flags: str) -> tuple[int, str, str]:
     """Runs the real CLI in this process (TensorFlow is imported once); returns code, stdout, stderr."""
-    code = cli.main(["download", *args])
+    code = cli.main(["download", "--dest", str(dest), *(["--url", url] if url else []), *flags])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def _refused(capsys, dest: Path, url: str | None, *flags: str) -> str:
+    """Runs a download that must fail: exit 1, nothing under the final names; returns its error line."""
+    code, _, err = _finetune(capsys, dest, url, *flags)
+    assert code == 1, err
+    _assert_nothing_final(dest)
+    return _error_line(err)
 
 
 def _error_line(err: str) -> str:
@@ -116,7 +134,7 @@ def test_download_unpacks_verifies_and_writes_a_manifest_and_a_second_run_does_n
     capsys, server, dest, tarball_bytes, checkpoint_bytes
 ):
     url = server.serve(PATH, Route(tarball_bytes))
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest))
+    code, out, err = _finetune(capsys, dest, url)
     assert code == 0, err
     assert f"{dest / MODEL.member}: downloaded and verified (388 variables" in out
     size = f"{len(tarball_bytes) / 1e6:.1f} MB"
@@ -133,14 +151,14 @@ def test_download_unpacks_verifies_and_writes_a_manifest_and_a_second_run_does_n
     assert datetime.fromisoformat(manifest["date"]).tzinfo is not None
 
     requests_before = len(server.seen)
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--json")
+    code, out, err = _finetune(capsys, dest, url, "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["status"] == "present" and result["manifest"] == manifest
     assert len(server.seen) == requests_before, "a verified checkpoint must not touch the network"
 
-    # Offline, with the checkpoint present: still fine, still no request.
-    code, out, err = _finetune(capsys, "--url", _closed_port_url(), "--dest", str(dest), "--retries", "0")
+    # Offline (nothing listens at the URL) with the checkpoint present: still fine.
+    code, out, err = _finetune(capsys, dest, _closed_port_url(), "--retries", "0")
     assert code == 0, err
     assert "already present, verified" in out
 
@@ -150,18 +168,16 @@ def test_a_dropped_connection_is_resumed_by_the_next_run_with_a_range_request(
 ):
     cut = len(tarball_bytes) // 3
     url = server.serve(PATH, Route(tarball_bytes, drop_at=cut))
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--retries", "0")
-    assert code == 1
+    error = _refused(capsys, dest, url, "--retries", "0")
     part = dest / f"{TARBALL}.part"
     kept = part.stat().st_size
     assert 0 < kept <= cut  # the read that hit the drop may lose its partial chunk
-    assert _error_line(err) == (
+    assert error == (
         f"error: {url}: connection lost after {kept / 1e6:.1f} MB of {len(tarball_bytes) / 1e6:.1f} MB "
         f"(gave up after 1 try; --retries sets how many); rerun to resume from {part}"
     )
-    _assert_nothing_final(dest)
 
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--json")
+    code, out, err = _finetune(capsys, dest, url, "--json")
     assert code == 0, err
     assert server.ranges_seen(PATH) == [None, f"bytes={kept}-"]
     assert json.loads(out)["resumed_from"] == kept
@@ -176,7 +192,7 @@ def test_a_retry_within_one_run_resumes_where_the_connection_dropped(
 ):
     cut = len(tarball_bytes) // 2
     url = server.serve(PATH, Route(tarball_bytes, drop_at=cut))
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--json")
+    code, out, err = _finetune(capsys, dest, url, "--json")
     assert code == 0, err
     assert "connection lost after" in err and "retrying in 1 s" in err
     first, resumed = server.ranges_seen(PATH)
@@ -191,7 +207,7 @@ def test_a_server_that_ignores_range_gets_the_file_rewritten_not_appended(
     dest.mkdir()
     (dest / f"{TARBALL}.part").write_bytes(b"left over from another file" * 1000)
     url = server.serve(PATH, Route(tarball_bytes, ranges=False))
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest))
+    code, _, err = _finetune(capsys, dest, url)
     assert code == 0, err
     assert server.ranges_seen(PATH) == [f"bytes={27 * 1000}-"]
     assert "ignored the request to resume; downloading the whole file again" in err
@@ -202,7 +218,7 @@ def test_a_complete_part_file_is_not_downloaded_again(capsys, server, dest, tarb
     dest.mkdir()
     (dest / f"{TARBALL}.part").write_bytes(tarball_bytes)
     url = server.serve(PATH, Route(tarball_bytes))
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest))
+    code, out, err = _finetune(capsys, dest, url)
     assert code == 0, err
     assert server.ranges_seen(PATH) == [f"bytes={len(tarball_bytes)}-"]  # answered 416, nothing sent
     assert (dest / MODEL.member).read_bytes() == checkpoint_bytes
@@ -210,7 +226,7 @@ def test_a_complete_part_file_is_not_downloaded_again(capsys, server, dest, tarb
 
 def test_server_errors_are_retried_with_backoff(capsys, server, dest, tarball_bytes, checkpoint_bytes):
     url = server.serve(PATH, Route(tarball_bytes, status=500, fail_times=2))
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest))
+    code, out, err = _finetune(capsys, dest, url)
     assert code == 0, err
     assert len(server.ranges_seen(PATH)) == 3
     assert "HTTP 500 Internal Server Error; retrying in 1 s (1 of 4 retries)" in err
@@ -233,7 +249,7 @@ def test_an_unreachable_host_hands_over_to_the_next_url_of_the_row(
 def test_a_local_tarball_is_unpacked_and_a_good_checkpoint_survives_a_bad_download(
     capsys, server, dest, tarball, tarball_bytes, checkpoint_bytes
 ):
-    code, out, err = _finetune(capsys, "--url", str(tarball), "--dest", str(dest))
+    code, out, err = _finetune(capsys, dest, str(tarball))
     assert code == 0, err
     assert "unpacked and verified" in out
     assert tarball.exists(), "a tarball the user fetched by hand is theirs to keep"
@@ -242,11 +258,11 @@ def test_a_local_tarball_is_unpacked_and_a_good_checkpoint_survives_a_bad_downlo
 
     for route in (Route(tarball_bytes[: len(tarball_bytes) // 2]), Route(b"", status=404)):
         url = server.serve(PATH, route)
-        code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--force")
+        code, _, err = _finetune(capsys, dest, url, "--force")
         assert code == 1
         assert (dest / MODEL.member).read_bytes() == checkpoint_bytes
         assert (dest / "inception_v3.manifest.json").read_text() == manifest_text
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest))
+    code, out, err = _finetune(capsys, dest, url)
     assert code == 0 and "already present, verified" in out
 
 
@@ -254,11 +270,11 @@ def test_a_checkpoint_changed_after_its_manifest_was_written_is_fetched_again(
     capsys, server, dest, tarball_bytes, checkpoint_bytes
 ):
     url = server.serve(PATH, Route(tarball_bytes))
-    assert _finetune(capsys, "--url", url, "--dest", str(dest))[0] == 0
+    assert _finetune(capsys, dest, url)[0] == 0
     with open(dest / MODEL.member, "r+b") as damaged:
         damaged.seek(1000)
         damaged.write(b"\0" * 16)
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest))
+    code, out, err = _finetune(capsys, dest, url)
     assert code == 0, err
     assert "has changed since" in err and "downloaded and verified" in out
     assert len(server.ranges_seen(PATH)) == 2
@@ -287,8 +303,8 @@ def test_not_found_is_an_error_at_once(server, dest):
     result = run_cli("download", "--url", url, "--dest", str(dest), timeout=60)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"error: {url}: HTTP 404 Not Found; the file is not there for us: check --url, or fetch {TARBALL} by "
-        "hand and pass its path with --url"
+        f"error: {url}: HTTP 404 Not Found; the file is not there for us: check --url, or fetch {TARBALL} "
+        "by hand and pass its path with --url"
     ]
     assert len(server.seen) == 1, "a 4xx answer is not retried"
     _assert_nothing_final(dest)
@@ -296,56 +312,44 @@ def test_not_found_is_an_error_at_once(server, dest):
 
 def test_a_server_that_keeps_failing_is_given_up_on(capsys, server, dest, tarball_bytes):
     url = server.serve(PATH, Route(tarball_bytes, status=503))
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--retries", "1")
-    assert code == 1
-    assert _error_line(err) == (
+    assert _refused(capsys, dest, url, "--retries", "1") == (
         f"error: {url}: HTTP 503 Service Unavailable (gave up after 2 tries; --retries sets how many)"
     )
     assert len(server.seen) == 2
-    _assert_nothing_final(dest)
 
 
 def test_a_stalled_server_times_out_instead_of_hanging(capsys, server, dest, tarball_bytes):
     url = server.serve(PATH, Route(tarball_bytes, stall_at=1 << 20))
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--timeout", "1", "--retries", "0")
-    assert code == 1
-    part = dest / f"{TARBALL}.part"
     size = f"{len(tarball_bytes) / 1e6:.1f} MB"
-    assert _error_line(err) == (
+    assert _refused(capsys, dest, url, "--timeout", "1", "--retries", "0") == (
         f"error: {url}: stalled, no data for 1 s (--timeout) after 1.0 MB of {size} (gave up after 1 try; "
-        f"--retries sets how many); rerun to resume from {part}"
+        f"--retries sets how many); rerun to resume from {dest / TARBALL}.part"
     )
-    _assert_nothing_final(dest)
 
 
 def test_a_wrong_digest_is_refused_and_the_download_deleted(capsys, server, dest, tarball_bytes):
     url = server.serve(PATH, Route(tarball_bytes))
     pinned = "0" * 64
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--sha256", pinned)
-    assert code == 1
-    assert _error_line(err) == (
+    assert _refused(capsys, dest, url, "--sha256", pinned) == (
         f"error: {url}: sha256 is {_sha256(tarball_bytes)}, expected {pinned} (--sha256); the file is "
         "damaged or not the one published: fetch it again, or check the --sha256 value"
     )
-    _assert_nothing_final(dest)
     assert not (dest / f"{TARBALL}.part").exists()
 
 
 def test_the_right_pinned_digest_is_accepted(capsys, server, dest, tarball_bytes):
     url = server.serve(PATH, Route(tarball_bytes))
     digest = _sha256(tarball_bytes).upper()  # as some tools print it
-    code, out, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--sha256", digest)
+    code, out, err = _finetune(capsys, dest, url, "--sha256", digest)
     assert code == 0, err
     # A different pin no longer matches the manifest, so the checkpoint is fetched again (and refused).
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest), "--sha256", "1" * 64)
+    code, _, err = _finetune(capsys, dest, url, "--sha256", "1" * 64)
     assert code == 1 and "expected 1111" in _error_line(err)
     assert (dest / MODEL.member).exists(), "the verified checkpoint stays"
 
 
 def test_a_malformed_digest_is_a_usage_error(capsys, dest):
-    code, _, err = _finetune(capsys, "--dest", str(dest), "--sha256", "abc")
-    assert code == 1
-    assert _error_line(err) == (
+    assert _refused(capsys, dest, None, "--sha256", "abc") == (
         "error: --sha256 abc: not a sha256 digest; give the 64 hex digits that `sha256sum FILE` prints"
     )
 
@@ -353,36 +357,27 @@ def test_a_malformed_digest_is_a_usage_error(capsys, dest):
 def test_an_html_page_is_recognised(capsys, server, dest):
     page = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Wi-Fi login</body></html>\n"
     url = server.serve(PATH, Route(page, content_type="text/html"))
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest))
-    assert code == 1
-    assert _error_line(err) == (
+    assert _refused(capsys, dest, url) == (
         f"error: {url}: an HTML page, not the tarball (a proxy's login page, or a URL of a web page); "
         "open it in a browser, then pass the file's direct address or a local copy with --url"
     )
-    _assert_nothing_final(dest)
 
 
 def test_a_truncated_tarball_is_refused(capsys, server, dest, tarball_bytes):
     url = server.serve(PATH, Route(tarball_bytes[: len(tarball_bytes) // 2]))
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest))
-    assert code == 1
-    line = _error_line(err)
-    assert line.startswith(f"error: {url}: truncated or damaged tarball (")
-    assert line.endswith("); fetch it again")
-    _assert_nothing_final(dest)
+    error = _refused(capsys, dest, url)
+    assert error.startswith(f"error: {url}: truncated or damaged tarball (")
+    assert error.endswith("); fetch it again")
     assert not (dest / f"{TARBALL}.part").exists()
 
 
 def test_a_member_that_climbs_out_with_dot_dot_is_refused(capsys, server, dest, tmp_path):
     body = _tarball([_file("inception_v3.ckpt", b"harmless"), _file("../inception_v3.ckpt", b"escaped")])
     url = server.serve(PATH, Route(body))
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest))
-    assert code == 1
-    assert _error_line(err) == (
+    assert _refused(capsys, dest, url) == (
         f"error: {url}: refusing to unpack: member '../inception_v3.ckpt' climbs out of the folder with "
         "'..'; the published tarball holds only inception_v3.ckpt, so this is not it: check --url"
     )
-    _assert_nothing_final(dest)
     assert not (tmp_path / MODEL.member).exists()
 
 
@@ -390,13 +385,10 @@ def test_a_symlink_member_is_refused(capsys, server, dest):
     link = tarfile.TarInfo(MODEL.member)
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     url = server.serve(PATH, Route(_tarball([(link, None)])))
-    code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest))
-    assert code == 1
-    assert _error_line(err) == (
+    assert _refused(capsys, dest, url) == (
         f"error: {url}: refusing to unpack: member 'inception_v3.ckpt' is a symbolic link (to /etc/passwd); "
         "the published tarball holds only inception_v3.ckpt, so this is not it: check --url"
     )
-    _assert_nothing_final(dest)
 
 
 def test_an_absolute_member_and_an_extra_member_are_refused(capsys, server, dest):
@@ -406,9 +398,7 @@ def test_an_absolute_member_and_an_extra_member_are_refused(capsys, server, dest
     }
     for name, expected in cases.items():
         url = server.serve(PATH, Route(_tarball([_file(name, b"data")])))
-        code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest))
-        assert code == 1 and expected in _error_line(err)
-        _assert_nothing_final(dest)
+        assert expected in _refused(capsys, dest, url)
 
 
 def _v1_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> bytes:
@@ -445,10 +435,7 @@ def test_a_checkpoint_that_is_not_inception_v3_is_refused(capsys, server, dest, 
     }
     for member, expected in cases.items():
         url = server.serve(PATH, Route(_tarball([_file(MODEL.member, member)])))
-        code, _, err = _finetune(capsys, "--url", url, "--dest", str(dest))
-        assert code == 1
-        assert _error_line(err).startswith(f"error: {url}: {expected}")
-        _assert_nothing_final(dest)
+        assert _refused(capsys, dest, url).startswith(f"error: {url}: {expected}")
 
 
 def test_a_missing_local_file_names_the_flag(dest):
