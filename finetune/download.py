@@ -197,6 +197,7 @@ def _fetch(
     import requests
 
     resumed_from = part.stat().st_size if part.exists() else 0
+    hosts = " or ".join(dict.fromkeys(urlsplit(url).netloc for url in urls))
     failures = 0
     index = 0
     with requests.Session() as session:
@@ -208,11 +209,11 @@ def _fetch(
                 _fetch_once(session, url, part, model, config.timeout)
                 return url, resumed_from
             except _Unreachable as exc:
-                problem: Exception = exc
                 if index + 1 < len(urls):
-                    log.warning(f"{exc}; trying {urls[index + 1]}")
+                    log.debug(f"{exc}; trying {urls[index + 1]}")  # the result or the error names both
                     index += 1
                     continue
+                problem: Exception = _Unreachable(hosts, exc.reason)
                 index = 0
             except _Transient as exc:
                 problem = exc
@@ -225,11 +226,10 @@ def _fetch(
             log.warning(f"{problem}; retrying in {delay:g} s ({failures} of {config.retries} retries)")
             time.sleep(delay)
     if isinstance(problem, _Unreachable):
-        hosts = " or ".join(dict.fromkeys(urlsplit(url).netloc for url in urls))
         raise DownloadError(
-            f"cannot reach {hosts} ({problem.reason}); to install by hand, fetch {urls[0]} on a machine "
-            f"with internet access, copy it to this one and run `finetune download --url PATH/TO/"
-            f"{model.tarball}`, which verifies it and unpacks {model.member} into {dest}/"
+            f"{problem}; to install by hand, fetch {urls[0]} on a machine with internet access, copy it to "
+            f"this one and run `finetune download --url PATH/TO/{model.tarball}`, which verifies it and "
+            f"unpacks {model.member} into {dest}/"
         )
     tries = f"{failures} {'try' if failures == 1 else 'tries'}"
     resume = f"; rerun to resume from {part}" if part.exists() and part.stat().st_size else ""
