@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune import __version__
+from finetune.config import DownloadConfig
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -51,8 +52,27 @@ def to_json(value: Any) -> str:
     return json.dumps(value, default=default, sort_keys=True)
 
 
+def _run_download(config: DownloadConfig, args: argparse.Namespace) -> int:
+    from finetune import download
+
+    result = download.download(config)
+    manifest = result.manifest
+    if args.json:
+        print(to_json(result))
+    elif result.status == "present":
+        print(f"{result.checkpoint}: already present, verified (manifest {result.manifest_path})")
+    else:
+        print(
+            f"{result.checkpoint}: {result.status} and verified ({manifest.variables} variables, sha256 "
+            f"{manifest.checkpoint_sha256[:16]}...) from {manifest.url}; manifest {result.manifest_path}"
+        )
+    return 0
+
+
 # Subcommands, in the order data flows. Each issue that adds a stage adds its row.
-COMMANDS: list[Command] = []
+COMMANDS: list[Command] = [
+    Command("download", "fetch and verify the pretrained checkpoint", DownloadConfig, _run_download, True),
+]
 
 
 # ------------------------------------------------------------------------------------------ flag building

@@ -20,6 +20,16 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+def _format_bytes(count: float) -> str:
+    """Decimal units, as rich's download columns show them: 950 B, 12.3 kB, 101.1 MB."""
+    units = ("B", "kB", "MB", "GB")
+    power = 0
+    while count >= 1000 and power < len(units) - 1:
+        count /= 1000
+        power += 1
+    return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
+
+
 def _format_fields(fields: dict[str, Any]) -> str:
     parts = []
     for key, value in fields.items():
@@ -31,7 +41,8 @@ class Progress:
     """Counts work done toward a total and shows rate and ETA.
 
     Use as a context manager; call ``advance(n, **fields)`` as work completes. ``fields`` (loss, accuracy,
-    ...) are shown beside the count. ``unit`` names what is counted ("images", "steps", "bytes").
+    ...) are shown beside the count. ``unit`` names what is counted ("images", "steps", "bytes"); bytes are
+    shown in kB/MB with a transfer speed.
     """
 
     def __init__(
@@ -68,14 +79,19 @@ class Progress:
         self._started = self._last_log = time.monotonic()
         if log.isEnabledFor(logging.INFO) and sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, TextColumn
             from rich.progress import Progress as RichProgress
+            from rich.progress import TimeRemainingColumn, TransferSpeedColumn
 
+            if self.unit == "bytes":
+                amount, rate = DownloadColumn(), TransferSpeedColumn()
+            else:
+                amount, rate = MofNCompleteColumn(), TextColumn("{task.fields[rate]}")
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
+                amount,
+                rate,
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[extra]}"),
                 console=Console(stderr=True),
@@ -103,8 +119,12 @@ class Progress:
             log.info(self._line())
 
     def _line(self) -> str:
-        done = f"{self.completed}/{self.total}" if self.total else f"{self.completed}"
-        parts = [f"{self.description}: {done} {self.unit}", f"{self.rate:.1f} {self.rate_unit}"]
+        if self.unit == "bytes":
+            done = _format_bytes(self.completed) + (f" of {_format_bytes(self.total)}" if self.total else "")
+            parts = [f"{self.description}: {done}", f"{_format_bytes(self.rate)}/s"]
+        else:
+            done = f"{self.completed}/{self.total}" if self.total else f"{self.completed}"
+            parts = [f"{self.description}: {done} {self.unit}", f"{self.rate:.1f} {self.rate_unit}"]
         if self.total and self.rate > 0 and self.completed < self.total:
             remaining = (self.total - self.completed) * self.rate_scale / self.rate
             parts.append(f"ETA {_format_duration(remaining)}")
