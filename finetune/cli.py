@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune import __version__
-from finetune.config import BuildDatasetConfig
+from finetune.config import BuildDatasetConfig, PreviewConfig
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -88,6 +88,20 @@ def _run_build_dataset(config: BuildDatasetConfig, args: argparse.Namespace) -> 
     return 0
 
 
+def _run_preview(config: PreviewConfig, args: argparse.Namespace) -> int:
+    from finetune import preview
+
+    result = preview.preview_dataset(config)
+    if args.json:
+        print(to_json(result))
+    else:
+        print(
+            f"wrote {result.out}: {result.count} training examples, each original (sampled crop in yellow) "
+            f"beside what the network sees at {result.image_size}x{result.image_size}"
+        )
+    return 0
+
+
 # Subcommands, in the order data flows. Each issue that adds a stage adds its row.
 COMMANDS: list[Command] = [
     Command(
@@ -95,6 +109,13 @@ COMMANDS: list[Command] = [
         "turn a folder of class subfolders into sharded TFRecords with a held-out split",
         BuildDatasetConfig,
         _run_build_dataset,
+        json_output=True,
+    ),
+    Command(
+        "preview",
+        "draw training examples after train preprocessing beside their originals",
+        PreviewConfig,
+        _run_preview,
         json_output=True,
     ),
 ]

@@ -87,3 +87,22 @@ class BuildDatasetConfig:
             if value is not None and value < 1:
                 _fail(flag, f"must be at least 1, got {value}")
 
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """`finetune preview`: training examples after train preprocessing, beside their originals."""
+
+    dataset: str = option(
+        help="dataset folder written by build-dataset", positional=True, metavar="DATASET"
+    )
+    out: str = option("preview.png", help="image file to write (.png or .jpg)", metavar="FILE")
+    count: int = option(8, help="training examples to show")
+    # InceptionV3's pretrained input size (finetune.model.DEFAULT_IMAGE_SIZE; not imported: it loads TF).
+    image_size: int = option(299, help="network input size the examples are preprocessed to")
+    seed: int = option(0, help="picks the examples and their random crops")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= 64:
+            _fail("--count", f"must be between 1 and 64, got {self.count}")
+        if self.image_size < 32:
+            _fail("--image-size", f"must be at least 32 pixels, got {self.image_size}")

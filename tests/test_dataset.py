@@ -413,3 +413,24 @@ def test_reader_runs_in_a_tf1_graph_with_a_one_shot_iterator(zoo):
                 values = session.run(batch)
                 assert values["image"].shape == (4, 75, 75, 3)
 
+
+# -------------------------------------------------------------------------------------------- preview
+
+
+def test_preview_draws_originals_with_their_crop_beside_the_network_input(zoo, tmp_path):
+    out = tmp_path / "look" / "preview.png"
+    result = run_cli("preview", str(zoo["out"]), "--out", str(out), "--count", "3", "--image-size", "64", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["count"] == 3 and len(summary["paths"]) == 3
+    assert set(summary["paths"]) <= {record["filename"] for record in zoo["records"]["train"]}
+    with Image.open(out) as picture:
+        assert picture.format == "PNG"
+        assert picture.size == (8 + 2 * 2 * (64 + 8), 8 + 2 * (64 + 8 + 16))  # 2 pairs a row, 2 rows
+        pixels = np.asarray(picture.convert("RGB")).reshape(-1, 3).astype(int)
+    yellow = (pixels[:, 0] > 230) & (pixels[:, 1] > 200) & (pixels[:, 2] < 40)
+    assert yellow.sum() > 3 * 4 * 20  # three crop boxes drawn
+    bad = run_cli("preview", str(zoo["out"]), "--out", str(tmp_path / "preview.xyz"))
+    assert bad.returncode == 1 and "error: --out" in bad.stderr and ".png" in bad.stderr
+    missing = run_cli("preview", str(tmp_path / "none"))
+    assert missing.returncode == 1 and "build-dataset" in missing.stderr
