@@ -162,18 +162,24 @@ def odd_folder(tmp_path_factory) -> OddFolder:
     return make_odd_folder(tmp_path_factory.mktemp("odd") / "photos")
 
 
-def read_records(dataset_dir: Path) -> dict[str, list[dict]]:
-    """Every record of every split, parsed with slim's keys and the file name: split -> list of dicts."""
+def slim_keys() -> dict:
+    """A parse spec with slim's example keys alone (FACTS.md), written here rather than taken from finetune."""
     from finetune.compat import tf
 
-    spec = {
+    return {
         "image/encoded": tf.io.FixedLenFeature([], tf.string),
         "image/format": tf.io.FixedLenFeature([], tf.string),
         "image/class/label": tf.io.FixedLenFeature([], tf.int64),
         "image/height": tf.io.FixedLenFeature([], tf.int64),
         "image/width": tf.io.FixedLenFeature([], tf.int64),
-        "image/filename": tf.io.FixedLenFeature([], tf.string),
     }
+
+
+def read_records(dataset_dir: Path) -> dict[str, list[dict]]:
+    """Every record of every split, parsed with slim's keys and the file name: split -> list of dicts."""
+    from finetune.compat import tf
+
+    spec = {**slim_keys(), "image/filename": tf.io.FixedLenFeature([], tf.string)}
     records: dict[str, list[dict]] = {}
     for shard in sorted(Path(dataset_dir).glob("*.tfrecord")):
         split = shard.name.split("-")[0]

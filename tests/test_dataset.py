@@ -19,15 +19,7 @@ from finetune.compat import tf
 from finetune.config import BuildDatasetConfig
 from finetune.errors import DataError
 from finetune.synthetic import make_image_folder
-from tests.conftest import read_records, run_cli
-
-SLIM_KEYS = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/format": tf.io.FixedLenFeature([], tf.string),
-    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
-    "image/height": tf.io.FixedLenFeature([], tf.int64),
-    "image/width": tf.io.FixedLenFeature([], tf.int64),
-}
+from tests.conftest import read_records, run_cli, slim_keys
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +89,7 @@ def test_records_parse_with_slims_keys_alone_and_decode_to_three_channels(zoo):
     seen = 0
     for shard in sorted(zoo["out"].glob("*.tfrecord")):
         for serialized in tf.data.TFRecordDataset(str(shard)):
-            example = tf.io.parse_single_example(serialized, SLIM_KEYS)
+            example = tf.io.parse_single_example(serialized, slim_keys())
             assert example["image/format"].numpy() == b"jpg"
             image = tf.io.decode_jpeg(example["image/encoded"], channels=0)
             assert image.shape == (example["image/height"], example["image/width"], 3)
