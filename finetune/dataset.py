@@ -10,7 +10,7 @@ again with the seed, gives a position in [0, 1); positions below the validation 
 the next ``test_fraction`` to test, the rest to train. Each class is split on its own (stratified), adding
 or removing other images never moves an image to another split, and identical files always land together,
 so no picture leaks from train into validation. The price of that stability: a class gets its fraction of
-each split in expectation, not exactly (a class of 100 images at 10% gets about 7 to 13 validation images).
+each split in expectation, not exactly (a class of 100 images at 10% typically gets 7 to 13 for validation).
 
 Records carry slim's keys (``image/encoded``, ``image/format`` = ``b"jpg"``, ``image/class/label``,
 ``image/height``, ``image/width``) plus ``image/filename``, the path relative to IMAGE_DIR, so slim-based
@@ -33,8 +33,8 @@ import math
 import multiprocessing
 import os
 import random
-import shutil
 import secrets
+import shutil
 import signal
 import statistics
 import time
@@ -69,6 +69,9 @@ SHUFFLE_BUFFER_BYTES = 256 * 2**20
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# Pillow's names for files TensorFlow's JPEG decoder reads as they are. MPO (phones, stereo cameras) is a
+# JPEG followed by more frames; decode_jpeg reads the first, as Pillow does.
+_JPEG_FORMATS = ("JPEG", "MPO")
 _REBUILD = "rebuild it with `finetune build-dataset IMAGE_DIR --out {root} --overwrite`"
 
 
@@ -103,7 +106,7 @@ class DatasetInfo:
             raise DataError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
         if not self.split_counts.get(split):
             held = ", ".join(name for name in SPLITS if self.split_counts.get(name))
-            fix = " (rebuild with --test-fraction above 0)" if split == "test" else ""
+            fix = f" (rebuild with --{split}-fraction above 0)" if split != "train" else ""
             raise DataError(f"dataset {self.root} has no {split} split{fix}; it has: {held}")
         return [self.root / name for name in self.shard_names[split]]
 
@@ -285,7 +288,7 @@ def _check_file(root: str, max_side: int | None, item: tuple[str, int]) -> _Imag
             conversions = tuple(
                 reason
                 for reason, applies in (
-                    ("format", source_format != "JPEG"),
+                    ("format", source_format not in _JPEG_FORMATS),
                     ("colour", image.mode != "RGB"),
                     ("orientation", orientation != 1),
                     ("max_side", too_big),
@@ -294,7 +297,7 @@ def _check_file(root: str, max_side: int | None, item: tuple[str, int]) -> _Imag
             )
             if not conversions:  # a clean 3-channel JPEG: its own bytes, no re-encode
                 size = (width, height, width, height)
-                return _Image(path, label, sha256, sha256, len(data), *size, "JPEG", ())
+                return _Image(path, label, sha256, sha256, len(data), *size, source_format, ())
             try:
                 upright = ImageOps.exif_transpose(image) if orientation != 1 else image
                 original_width, original_height = upright.size
@@ -428,7 +431,7 @@ def _example(tf: Any, encoded: bytes, image: _Image) -> bytes:
         "image/class/label": as_int(image.label),
         "image/height": as_int(image.height),
         "image/width": as_int(image.width),
-        "image/filename": as_bytes(image.path.encode("utf-8")),
+        "image/filename": as_bytes(image.path.encode("utf-8", "surrogateescape")),  # any file name
     }
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 

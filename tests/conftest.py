@@ -77,7 +77,7 @@ class OddFolder:
     usable: dict[str, list[str]]  # class -> relative paths of the images that must be kept
     skipped: dict[str, str]  # relative path -> a word its reason must contain
     hidden: tuple[str, ...]  # relative paths that must be ignored entirely
-    clean_jpeg: str  # a plain RGB JPEG that must be stored byte for byte
+    clean_jpegs: tuple[str, str]  # a plain RGB JPEG and a phone's MPO (JPEG + a second frame): kept as is
     rotated: str  # stored sideways with EXIF orientation 6
     duplicates: tuple[str, str]  # two files with the same bytes
     gif: str  # first frame red, second blue
@@ -142,13 +142,14 @@ def make_odd_folder(root: Path, images_per_class: int = 12, seed: int = 3) -> Od
     write(f"{triangles}/picture.bmp", image=sample, format="BMP")
     write(f"{triangles}/picture.webp", image=sample, format="WEBP")
     write(f"{triangles}/a/b/nested.jpg", image=sample, format="JPEG")
+    phone = write(f"{triangles}/phone.jpg", image=frames[0], format="MPO", save_all=True, append_images=frames[1:])
     return OddFolder(
         root=root,
         classes=folder.classes,
         usable={name: sorted(paths) for name, paths in usable.items()},
         skipped=skipped,
         hidden=hidden,
-        clean_jpeg=jpegs[3].relative_to(root).as_posix(),
+        clean_jpegs=(jpegs[3].relative_to(root).as_posix(), phone),
         rotated=rotated,
         duplicates=(jpegs[0].relative_to(root).as_posix(), duplicate),
         gif=gif,

@@ -100,7 +100,8 @@ def test_records_parse_with_slims_keys_alone_and_decode_to_three_channels(zoo):
 
 def test_clean_jpeg_is_stored_as_its_own_bytes_and_others_as_new_jpegs(odd_folder, zoo):
     stored = _by_path(zoo["records"])
-    assert stored[odd_folder.clean_jpeg][1]["encoded"] == (odd_folder.root / odd_folder.clean_jpeg).read_bytes()
+    for name in odd_folder.clean_jpegs:
+        assert stored[name][1]["encoded"] == (odd_folder.root / name).read_bytes()
     for name in ("squares/actually_png.jpg", "triangles/cmyk.jpg", "triangles/picture.webp", odd_folder.gif):
         encoded = stored[name][1]["encoded"]
         assert encoded[:3] == b"\xff\xd8\xff" and encoded != (odd_folder.root / name).read_bytes()
@@ -118,10 +119,11 @@ def test_exif_rotated_image_comes_out_upright(odd_folder, zoo):
     assert bottom[2] > 200 and bottom[0] < 60  # blue below
 
 
-def test_gif_16_bit_and_transparent_images_keep_their_look(odd_folder, zoo):
+def test_multi_frame_16_bit_and_transparent_images_keep_their_look(odd_folder, zoo):
     stored = _by_path(zoo["records"])
-    gif = _decode(stored[odd_folder.gif][1]).astype(int).mean(axis=(0, 1))
-    assert gif[0] > 200 and gif[2] < 60  # the first frame (red), not the second (blue)
+    for name in (odd_folder.gif, odd_folder.clean_jpegs[1]):
+        colour = _decode(stored[name][1]).astype(int).mean(axis=(0, 1))
+        assert colour[0] > 200 and colour[2] < 60  # the first frame (red), not the second (blue)
     grey = _decode(stored[odd_folder.sixteen_bit][1]).astype(int)
     assert np.abs(grey - 128).max() <= 3  # 16-bit 128*257 scaled, not clipped to white
     rgba = _decode(stored[odd_folder.rgba][1]).astype(int)
