@@ -55,8 +55,12 @@ class BuildDatasetConfig:
     )
     out: str = option(help="dataset folder to write, e.g. datasets/flowers", metavar="DIR")
     # slim held out about 10% of flowers (350 of 3,670) for validation.
-    validation_fraction: float = option(0.1, help="share of each class held out for validation")
-    test_fraction: float = option(0.0, help="share of each class held out for a final test")
+    validation_fraction: float = option(
+        0.1, help="share of each class held out for validation", metavar="FRACTION"
+    )
+    test_fraction: float = option(
+        0.0, help="share of each class held out for a final test", metavar="FRACTION"
+    )
     # The split depends only on an image's bytes and this seed, so it survives adding images.
     seed: int = option(0, help="seed of the split; the same seed gives the same split")
     # None: one shard per ~100 MB of images, so a split reads in parallel without thousands of small files.
@@ -68,7 +72,9 @@ class BuildDatasetConfig:
         None, help="downsize images whose longer side exceeds this (default: off)", metavar="PIXELS"
     )
     # None: every core this process may use.
-    workers: int | None = option(None, help="processes decoding and checking images (default: all cores)")
+    workers: int | None = option(
+        None, help="processes decoding and checking images (default: all cores)", metavar="N"
+    )
     overwrite: bool = option(False, help="replace a dataset already at --out")
 
     def __post_init__(self) -> None:
@@ -96,9 +102,11 @@ class PreviewConfig:
         help="dataset folder written by build-dataset", positional=True, metavar="DATASET"
     )
     out: str = option("preview.png", help="image file to write (.png or .jpg)", metavar="FILE")
-    count: int = option(8, help="training examples to show")
+    count: int = option(8, help="training examples to show", metavar="N")
     # InceptionV3's pretrained input size (finetune.model.DEFAULT_IMAGE_SIZE; not imported: it loads TF).
-    image_size: int = option(299, help="network input size the examples are preprocessed to")
+    image_size: int = option(
+        299, help="network input size the examples are preprocessed to", metavar="PIXELS"
+    )
     seed: int = option(0, help="picks the examples and their random crops")
 
     def __post_init__(self) -> None:

@@ -136,7 +136,7 @@ class BuildResult:
 @dataclass(frozen=True)
 class _Scan:
     classes: tuple[str, ...]
-    files: list[tuple[str, int]]  # (path relative to IMAGE_DIR, label), sorted
+    files: list[tuple[str, int]]  # (path relative to IMAGE_DIR, label), class by class, names sorted
     skipped: list[tuple[str, str]]  # (path, reason) for files that are not inside a class folder
 
 
@@ -229,8 +229,8 @@ def _orientation(image: PILImage.Image) -> int:
 
 def _to_rgb(image: PILImage.Image) -> PILImage.Image:
     """Any Pillow mode to 8-bit RGB: 16-bit scaled down, transparency composed onto white, CMYK converted."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     if image.mode in _SIXTEEN_BIT_MODES:
         pixels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
