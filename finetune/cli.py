@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune import __version__
-from finetune.config import DownloadConfig
+from finetune.config import BuildDatasetConfig, DownloadConfig, PreviewConfig
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -69,9 +69,73 @@ def _run_download(config: DownloadConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ build-dataset
+
+
+def _format_build_result(result: Any) -> str:
+    """The build summary: per-class counts per split, then what was converted, merged and skipped."""
+    splits = list(result.split_counts)
+    width = max(len("total"), *(len(name) for name in result.classes))
+
+    def row(name: str, counts: list[int]) -> str:
+        return "  " + name.ljust(width) + "".join(f"{count:>12,}" for count in counts)
+
+    images, shards = sum(result.split_counts.values()), sum(result.shards.values())
+    lines = [
+        f"wrote {result.out}: {images:,} images of {len(result.classes)} classes in {shards} shards "
+        f"({result.seconds:.1f} s, {result.images_per_second:,.0f} images/s)",
+        "  " + "class".ljust(width) + "".join(f"{split:>12}" for split in splits),
+    ]
+    lines += [row(name, [result.class_counts[split][label] for split in splits])
+              for label, name in enumerate(result.classes)]  # fmt: skip
+    lines.append(row("total", [result.split_counts[split] for split in splits]))
+    lines.append(
+        f"converted to JPEG: {result.converted:,}; identical files: {result.duplicate_files:,} in "
+        f"{result.duplicate_groups:,} sets (each set kept in one split); skipped: {result.skipped:,}"
+    )
+    lines.append(f"fingerprint: {result.fingerprint[:16]}")
+    return "\n".join(lines)
+
+
+def _run_build_dataset(config: BuildDatasetConfig, args: argparse.Namespace) -> int:
+    from finetune import dataset
+
+    result = dataset.build_dataset(config)
+    print(to_json(result) if args.json else _format_build_result(result))
+    return 0
+
+
+def _run_preview(config: PreviewConfig, args: argparse.Namespace) -> int:
+    from finetune import preview
+
+    result = preview.preview_dataset(config)
+    if args.json:
+        print(to_json(result))
+    else:
+        print(
+            f"wrote {result.out}: {result.count} training examples, each original (sampled crop in yellow) "
+            f"beside what the network sees at {result.image_size}x{result.image_size}"
+        )
+    return 0
+
+
 # Subcommands, in the order data flows. Each issue that adds a stage adds its row.
 COMMANDS: list[Command] = [
     Command("download", "fetch and verify the pretrained checkpoint", DownloadConfig, _run_download, True),
+    Command(
+        "build-dataset",
+        "turn a folder of class subfolders into sharded TFRecords with a held-out split",
+        BuildDatasetConfig,
+        _run_build_dataset,
+        json_output=True,
+    ),
+    Command(
+        "preview",
+        "draw training examples after train preprocessing beside their originals",
+        PreviewConfig,
+        _run_preview,
+        json_output=True,
+    ),
 ]
 
 

@@ -8,7 +8,7 @@ happens in ``__post_init__`` and raises a FinetuneError naming the flag.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from finetune.errors import FinetuneError
 from finetune.pretrained import DEFAULT_MODEL, PRETRAINED
@@ -41,6 +41,79 @@ def option(
         "metavar": metavar,
     }
     return field(default=default, metadata=metadata)
+
+def _fail(flag: str, problem: str) -> NoReturn:
+    raise FinetuneError(f"{flag} {problem}")
+
+
+@dataclass(frozen=True)
+class BuildDatasetConfig:
+    """`finetune build-dataset`: a class-per-folder tree of images to sharded TFRecords."""
+
+    image_dir: str = option(
+        help="folder with one subfolder of images per class", positional=True, metavar="IMAGE_DIR"
+    )
+    out: str = option(help="dataset folder to write, e.g. datasets/flowers", metavar="DIR")
+    # slim held out about 10% of flowers (350 of 3,670) for validation.
+    validation_fraction: float = option(
+        0.1, help="share of each class held out for validation", metavar="FRACTION"
+    )
+    test_fraction: float = option(
+        0.0, help="share of each class held out for a final test", metavar="FRACTION"
+    )
+    # The split depends only on an image's bytes and this seed, so it survives adding images.
+    seed: int = option(0, help="seed of the split; the same seed gives the same split")
+    # None: one shard per ~100 MB of images, so a split reads in parallel without thousands of small files.
+    shards: int | None = option(
+        None, help="TFRecord files per split (default: one per ~100 MB of images)", metavar="N"
+    )
+    # None: images keep their size; decoding huge photos then dominates training input time.
+    max_side: int | None = option(
+        None, help="downsize images whose longer side exceeds this (default: off)", metavar="PIXELS"
+    )
+    # None: every core this process may use.
+    workers: int | None = option(
+        None, help="processes decoding and checking images (default: all cores)", metavar="N"
+    )
+    overwrite: bool = option(False, help="replace a dataset already at --out")
+
+    def __post_init__(self) -> None:
+        fractions = {"--validation-fraction": self.validation_fraction, "--test-fraction": self.test_fraction}
+        for flag, value in fractions.items():
+            if not 0.0 <= value < 1.0:
+                _fail(flag, f"must be at least 0 and below 1, got {value}")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            _fail(
+                "--validation-fraction",
+                f"plus --test-fraction must stay below 1 to leave images for training, "
+                f"got {self.validation_fraction} + {self.test_fraction}",
+            )
+        counts = (("--shards", self.shards), ("--max-side", self.max_side), ("--workers", self.workers))
+        for flag, value in counts:
+            if value is not None and value < 1:
+                _fail(flag, f"must be at least 1, got {value}")
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """`finetune preview`: training examples after train preprocessing, beside their originals."""
+
+    dataset: str = option(
+        help="dataset folder written by build-dataset", positional=True, metavar="DATASET"
+    )
+    out: str = option("preview.png", help="image file to write (.png or .jpg)", metavar="FILE")
+    count: int = option(8, help="training examples to show", metavar="N")
+    # InceptionV3's pretrained input size (finetune.model.DEFAULT_IMAGE_SIZE; not imported: it loads TF).
+    image_size: int = option(
+        299, help="network input size the examples are preprocessed to", metavar="PIXELS"
+    )
+    seed: int = option(0, help="picks the examples and their random crops")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= 64:
+            _fail("--count", f"must be between 1 and 64, got {self.count}")
+        if self.image_size < 32:
+            _fail("--image-size", f"must be at least 32 pixels, got {self.image_size}")
 
 
 _SHA256_HEX = frozenset("0123456789abcdef")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,152 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+# ------------------------------------------------------------------------------------- image folders
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels but holds almost no data: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+def upright_picture():
+    """A portrait picture whose top half is red and bottom half blue, so upside-down or sideways shows."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (40, 64), (0, 0, 255))
+    picture.paste((255, 0, 0), (0, 0, 40, 32))
+    return picture
+
+
+@dataclass(frozen=True)
+class OddFolder:
+    """A generated class folder tree with every kind of odd file a user's photos hold, and what to expect."""
+
+    root: Path
+    classes: tuple[str, ...]
+    usable: dict[str, list[str]]  # class -> relative paths of the images that must be kept
+    skipped: dict[str, str]  # relative path -> a word its reason must contain
+    hidden: tuple[str, ...]  # relative paths that must be ignored entirely
+    clean_jpegs: tuple[str, str]  # a plain RGB JPEG and a phone's MPO (JPEG + a second frame): kept as is
+    rotated: str  # stored sideways with EXIF orientation 6
+    duplicates: tuple[str, str]  # two files with the same bytes
+    gif: str  # first frame red, second blue
+    sixteen_bit: str  # a constant 16-bit grey of 128 * 257
+    rgba: str  # fully transparent but for an opaque green square in the middle
+
+
+def make_odd_folder(root: Path, images_per_class: int = 12, seed: int = 3) -> OddFolder:
+    """make_image_folder's classes plus the zoo: bad files, odd formats, duplicates, hidden and nested files."""
+    from PIL import Image
+
+    from finetune.synthetic import make_image_folder
+
+    folder = make_image_folder(root, num_classes=3, images_per_class=images_per_class, seed=seed,
+                               min_side=48, max_side=96, png_fraction=0.25)  # fmt: skip
+    discs, squares, triangles = folder.classes
+    usable = {name: [p.relative_to(root).as_posix() for p in paths] for name, paths in folder.files.items()}
+    jpegs = [p for p in folder.files[squares] if p.suffix == ".jpg"]
+    sample = Image.open(jpegs[1]).convert("RGB")
+
+    def write(relative: str, data: bytes | None = None, image=None, keep: bool = True, **save) -> str:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if image is not None:
+            image.save(path, **save)
+        else:
+            path.write_bytes(data)
+        if keep:
+            usable[relative.split("/")[0]].append(relative)
+        return relative
+
+    half_jpeg = jpegs[2].read_bytes()[: jpegs[2].stat().st_size // 2]
+    skipped = {
+        write("README.txt", b"my photos\n", keep=False): "class folder",
+        write(f"{discs}/empty.jpg", b"", keep=False): "empty",
+        write(f"{discs}/truncated.jpg", half_jpeg, keep=False): "truncated",
+        write(f"{squares}/notes.jpg", b"shopping list: eggs, milk\n", keep=False): "not an image",
+        write(f"{squares}/bomb.png", png_header_only(10_000, 10_000), keep=False): "decompression bomb",
+        write(f"{triangles}/huge.png", png_header_only(20_000, 20_000), keep=False): "decompression bomb",
+    }  # fmt: skip
+    hidden = (
+        write(f"{discs}/.hidden.jpg", image=sample, keep=False, format="JPEG"),
+        write(f"{discs}/.thumbnails/thumb.jpg", image=sample, keep=False, format="JPEG"),
+    )
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    sideways = upright_picture().transpose(Image.Transpose.ROTATE_90)
+    rotated = write(f"{discs}/rotated.jpg", image=sideways, format="JPEG", exif=exif.tobytes(), quality=95)
+    import numpy as np
+
+    sixteen_bit = write(f"{discs}/deep.png", image=Image.fromarray(np.full((40, 50), 128 * 257, np.uint16)),
+                        format="PNG")  # fmt: skip
+    write(f"{squares}/actually_png.jpg", image=sample, format="PNG")
+    write(f"{squares}/gray.jpg", image=sample.convert("L"), format="JPEG")
+    duplicate = write(f"{squares}/nested/deeper/copy.jpg", jpegs[0].read_bytes())
+    write(f"{triangles}/cmyk.jpg", image=sample.convert("CMYK"), format="JPEG")
+    rgba_image = Image.new("RGBA", (48, 48), (0, 0, 0, 0))
+    rgba_image.paste((0, 200, 0, 255), (16, 16, 32, 32))
+    rgba = write(f"{triangles}/rgba.png", image=rgba_image, format="PNG")
+    frames = [Image.new("RGB", (48, 40), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    gif = write(f"{triangles}/anim.gif", image=frames[0], format="GIF", save_all=True, append_images=frames[1:])
+    write(f"{triangles}/picture.bmp", image=sample, format="BMP")
+    write(f"{triangles}/picture.webp", image=sample, format="WEBP")
+    write(f"{triangles}/a/b/nested.jpg", image=sample, format="JPEG")
+    phone = write(f"{triangles}/phone.jpg", image=frames[0], format="MPO", save_all=True, append_images=frames[1:])
+    return OddFolder(
+        root=root,
+        classes=folder.classes,
+        usable={name: sorted(paths) for name, paths in usable.items()},
+        skipped=skipped,
+        hidden=hidden,
+        clean_jpegs=(jpegs[3].relative_to(root).as_posix(), phone),
+        rotated=rotated,
+        duplicates=(jpegs[0].relative_to(root).as_posix(), duplicate),
+        gif=gif,
+        sixteen_bit=sixteen_bit,
+        rgba=rgba,
+    )
+
+
+@pytest.fixture(scope="session")
+def odd_folder(tmp_path_factory) -> OddFolder:
+    return make_odd_folder(tmp_path_factory.mktemp("odd") / "photos")
+
+
+def slim_keys() -> dict:
+    """A parse spec with slim's example keys alone (FACTS.md), written here rather than taken from finetune."""
+    from finetune.compat import tf
+
+    return {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/format": tf.io.FixedLenFeature([], tf.string),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+        "image/height": tf.io.FixedLenFeature([], tf.int64),
+        "image/width": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def read_records(dataset_dir: Path) -> dict[str, list[dict]]:
+    """Every record of every split, parsed with slim's keys and the file name: split -> list of dicts."""
+    from finetune.compat import tf
+
+    spec = {**slim_keys(), "image/filename": tf.io.FixedLenFeature([], tf.string)}
+    records: dict[str, list[dict]] = {}
+    for shard in sorted(Path(dataset_dir).glob("*.tfrecord")):
+        split = shard.name.split("-")[0]
+        for serialized in tf.data.TFRecordDataset(str(shard)):
+            parsed = tf.io.parse_single_example(serialized, spec)
+            record = {key.split("/")[-1]: value.numpy() for key, value in parsed.items()}
+            record["filename"] = record["filename"].decode()
+            records.setdefault(split, []).append(record)
+    return records

@@ -1,0 +1,878 @@
+"""A class-per-folder tree of images to sharded TFRecords, and the tf.data reader that train and evaluate use.
+
+``build_dataset`` scans ``IMAGE_DIR/<class>/**``, checks and decodes every file in worker processes, splits
+the images into train / validation / test, and writes ``<split>-00000-of-000NN.tfrecord`` shards,
+``labels.txt`` and ``dataset.json`` into a hidden folder beside ``--out`` that is renamed into place only when
+everything is written.
+
+The split of an image is a function of its bytes and ``--seed`` alone: the SHA-256 of the content, hashed
+again with the seed, gives a position in [0, 1); positions below the validation fraction go to validation,
+the next ``test_fraction`` to test, the rest to train. Each class is split on its own (stratified), adding
+or removing other images never moves an image to another split, and identical files always land together,
+so no picture leaks from train into validation. The price of that stability: a class gets its fraction of
+each split in expectation, not exactly (a class of 100 images at 10% typically gets 7 to 13 for validation).
+
+Records carry slim's keys (``image/encoded``, ``image/format`` = ``b"jpg"``, ``image/class/label``,
+``image/height``, ``image/width``) plus ``image/filename``, the path relative to IMAGE_DIR, so slim-based
+tools read them as they are.
+
+``load_dataset`` and ``read_dataset`` turn a built folder back into a ``tf.data`` pipeline. TensorFlow is
+imported only by the functions that need it: the worker processes and ``finetune --help`` never load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import secrets
+import shutil
+import signal
+import statistics
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
+
+from finetune import __version__
+from finetune.config import BuildDatasetConfig
+from finetune.errors import DataError
+from finetune.progress import Progress
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+log = logging.getLogger("finetune")
+
+SPLITS = ("train", "validation", "test")
+DATASET_JSON = "dataset.json"
+LABELS_TXT = "labels.txt"
+FORMAT = "finetune-dataset"
+FORMAT_VERSION = 1
+# TensorFlow's input-pipeline guide: shards of 100 MB or more read at full speed; fewer, larger files also
+# keep a small dataset in one file per split.
+SHARD_TARGET_BYTES = 100 * 2**20
+# Converted images are re-encoded once, so keep them close to lossless.
+JPEG_QUALITY = 95
+# The training shuffle buffer holds encoded images; cap its memory rather than its length.
+SHUFFLE_BUFFER_BYTES = 256 * 2**20
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# Pillow's names for files TensorFlow's JPEG decoder reads as they are. MPO (phones, stereo cameras) is a
+# JPEG followed by more frames; decode_jpeg reads the first, as Pillow does.
+_JPEG_FORMATS = ("JPEG", "MPO")
+_REBUILD = "rebuild it with `finetune build-dataset IMAGE_DIR --out {root} --overwrite`"
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A built dataset, as its dataset.json describes it."""
+
+    root: Path  # the dataset folder
+    classes: tuple[str, ...]  # label id i -> classes[i]
+    split_counts: dict[str, int]  # split -> examples, only for splits that exist
+    class_counts: dict[str, list[int]]  # split -> examples per class id
+    fingerprint: str  # SHA-256 over every stored image, its label, path and split
+    image_size_stats: dict  # sizes of the source images and of what was stored
+    shard_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> shard file names
+    split_bytes: dict[str, int] = field(default_factory=dict)  # split -> bytes of encoded images
+    metadata: dict = field(default_factory=dict, compare=False, repr=False)  # all of dataset.json
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def files(self, split: str) -> list[Path]:
+        """The split's TFRecord shards, in order.
+
+        Raises:
+            DataError: the split is not one of SPLITS or this dataset has no examples in it.
+        """
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+        if not self.split_counts.get(split):
+            held = ", ".join(name for name in SPLITS if self.split_counts.get(name))
+            fix = f" (rebuild with --{split}-fraction above 0)" if split != "train" else ""
+            raise DataError(f"dataset {self.root} has no {split} split{fix}; it has: {held}")
+        return [self.root / name for name in self.shard_names[split]]
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What build_dataset wrote and what it left out."""
+
+    out: Path
+    classes: tuple[str, ...]
+    split_counts: dict[str, int]
+    class_counts: dict[str, list[int]]  # split -> examples per class id
+    shards: dict[str, int]  # split -> shard files
+    files_seen: int  # files below the class folders (hidden ones aside) and beside them
+    converted: int  # images re-encoded as RGB JPEG
+    duplicate_groups: int  # sets of byte-identical images
+    duplicate_files: int  # images in those sets
+    skipped: int  # files left out; dataset.json lists them with reasons
+    fingerprint: str
+    seconds: float
+    images_per_second: float  # files seen per second of the whole build
+
+
+# ------------------------------------------------------------------------------------------------ scanning
+
+
+@dataclass(frozen=True)
+class _Scan:
+    classes: tuple[str, ...]
+    files: list[tuple[str, int]]  # (path relative to IMAGE_DIR, label), class by class, names sorted
+    skipped: list[tuple[str, str]]  # (path, reason) for files that are not inside a class folder
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _walk_files(folder: Path, seen: set[tuple[int, int]]) -> Iterator[os.DirEntry]:
+    """Every non-hidden entry below ``folder`` that is not a folder, in sorted order; follows links once."""
+    stat = folder.stat()
+    if (stat.st_dev, stat.st_ino) in seen:
+        return  # a link back to a folder already walked
+    seen.add((stat.st_dev, stat.st_ino))
+    with os.scandir(folder) as scan:
+        entries = sorted((entry for entry in scan if not _hidden(entry.name)), key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.is_dir():
+            yield from _walk_files(Path(entry.path), seen)
+        else:
+            yield entry
+
+
+def _check_image_dir(image_dir: Path) -> None:
+    if not image_dir.exists():
+        raise DataError(f"IMAGE_DIR {image_dir} does not exist; pass a folder with one subfolder per class")
+    if not image_dir.is_dir():
+        raise DataError(f"IMAGE_DIR {image_dir} is not a folder; pass a folder with one subfolder per class")
+
+
+def _scan(image_dir: Path) -> _Scan:
+    """Lists the classes (sorted subfolder names) and every non-hidden file below each."""
+    with os.scandir(image_dir) as scan:
+        entries = sorted((entry for entry in scan if not _hidden(entry.name)), key=lambda entry: entry.name)
+    classes = tuple(entry.name for entry in entries if entry.is_dir())
+    if len(classes) < 2:
+        found = f" ({classes[0]})" if classes else ""
+        raise DataError(
+            f"IMAGE_DIR {image_dir} has {len(classes)} class folder{found}; a classifier needs at least 2: "
+            f"put each class's images in its own subfolder"
+        )
+    skipped = [(entry.name, "not inside a class folder") for entry in entries if not entry.is_dir()]
+    files: list[tuple[str, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for label, name in enumerate(classes):
+        for entry in _walk_files(image_dir / name, seen):
+            relative = Path(entry.path).relative_to(image_dir).as_posix()
+            if entry.is_file():
+                files.append((relative, label))
+            else:
+                skipped.append((relative, "not a regular file (a broken link, a device or a pipe)"))
+    return _Scan(classes=classes, files=files, skipped=skipped)
+
+
+# ------------------------------------------------------------------------------------------------ checking
+
+
+@dataclass(frozen=True)
+class _Image:
+    """A usable image, as a worker found it."""
+
+    path: str  # relative to IMAGE_DIR
+    label: int
+    sha256: str  # of the file's bytes: decides the split and finds duplicates
+    stored_sha256: str  # of the bytes written to the record
+    stored_bytes: int
+    width: int  # as stored
+    height: int
+    original_width: int  # upright, before --max-side
+    original_height: int
+    format: str  # what Pillow found, e.g. "JPEG", "PNG"
+    conversions: tuple[str, ...]  # why it was re-encoded: "format", "colour", "orientation", "max_side"
+    data: bytes | None = None  # the re-encoded JPEG from the worker; None when the file's bytes are stored
+    staged_at: int | None = None  # offset of the re-encoded JPEG in the build's staging file
+
+
+@dataclass(frozen=True)
+class _Skip:
+    path: str
+    reason: str
+
+
+def _orientation(image: PILImage.Image) -> int:
+    """The EXIF orientation (1 = upright; 2-8 need a flip or turn); 1 when absent or unreadable."""
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block does not make the picture unusable
+        return 1
+    return value if value in range(2, 9) else 1
+
+
+def _to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit scaled down, transparency composed onto white, CMYK converted."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _bomb_reason(detail: str) -> str:
+    return f"decompression bomb: Pillow's limit is {_pixel_limit():,} pixels and this has {detail}; not decoded"
+
+
+def _pixel_limit() -> int:
+    from PIL import Image
+
+    return int(Image.MAX_IMAGE_PIXELS or 0)
+
+
+def _check_file(root: str, max_side: int | None, item: tuple[str, int]) -> _Image | _Skip:
+    """Reads, identifies by content, fully decodes and if needed converts one file. Runs in a worker."""
+    from PIL import Image, ImageOps
+
+    path, label = item
+    try:
+        with open(os.path.join(root, path), "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return _Skip(path, f"unreadable: {exc.strerror or exc}")
+    if not data:
+        return _Skip(path, "empty file (0 bytes)")
+    sha256 = hashlib.sha256(data).hexdigest()
+    with warnings.catch_warnings():
+        # Pillow warns about big images and odd palettes; both are decided on below.
+        warnings.simplefilter("ignore")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:  # over twice the limit: Pillow refuses to open it at all
+            return _Skip(path, _bomb_reason("more than twice that many pixels"))
+        except Exception:  # UnidentifiedImageError, or a parser giving up on the header
+            return _Skip(path, "not an image: no format Pillow reads matches its content")
+        with image:
+            width, height = image.size
+            if _pixel_limit() and width * height > _pixel_limit():
+                return _Skip(path, _bomb_reason(f"{width}x{height} = {width * height:,} pixels"))
+            try:
+                image.load()  # decodes every pixel: truncated and corrupt files fail here
+            except Exception as exc:
+                return _Skip(path, f"truncated or corrupt {image.format or 'image'}: {exc}")
+            source_format = image.format or "unknown"
+            orientation = _orientation(image)
+            too_big = max_side is not None and max(width, height) > max_side
+            conversions = tuple(
+                reason
+                for reason, applies in (
+                    ("format", source_format not in _JPEG_FORMATS),
+                    ("colour", image.mode != "RGB"),
+                    ("orientation", orientation != 1),
+                    ("max_side", too_big),
+                )
+                if applies
+            )
+            if not conversions:  # a clean 3-channel JPEG: its own bytes, no re-encode
+                size = (width, height, width, height)
+                return _Image(path, label, sha256, sha256, len(data), *size, source_format, ())
+            try:
+                upright = ImageOps.exif_transpose(image) if orientation != 1 else image
+                original_width, original_height = upright.size
+                rgb = _to_rgb(upright)
+                if too_big:
+                    rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+                buffer = io.BytesIO()
+                rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+            except Exception as exc:
+                return _Skip(path, f"undecodable {source_format} ({image.mode}): {exc}")
+    stored = buffer.getvalue()
+    return _Image(
+        path, label, sha256, hashlib.sha256(stored).hexdigest(), len(stored), rgb.width, rgb.height,
+        original_width, original_height, source_format, conversions, stored,
+    )  # fmt: skip
+
+
+def _ignore_interrupts() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them; otherwise each prints its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _map_unordered(function: Callable, items: list, workers: int) -> Iterator:
+    """``function`` over ``items`` in ``workers`` processes (in this one when 1), results as they finish."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    # spawn, not fork: the caller may already hold TensorFlow's threads, which fork does not copy safely.
+    context = multiprocessing.get_context("spawn")
+    chunksize = max(1, min(64, len(items) // (workers * 8)))
+    with context.Pool(workers, initializer=_ignore_interrupts) as pool:
+        yield from pool.imap_unordered(function, items, chunksize=chunksize)
+
+
+def default_workers() -> int:
+    """Every core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------- splitting
+
+
+def _position(sha256: str, seed: int) -> float:
+    """Where an image's content puts it on [0, 1) for this seed; the split is read off this position."""
+    digest = hashlib.sha256(f"finetune-split:{seed}:{sha256}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _split_of(position: float, validation_fraction: float, test_fraction: float) -> str:
+    if position < validation_fraction:
+        return "validation"
+    if position < validation_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def _names(classes: Iterable[str]) -> str:
+    names = [repr(name) for name in classes]
+    return f"class {names[0]}" if len(names) == 1 else f"classes {', '.join(names)}"
+
+
+def _just_above(value: float) -> float:
+    """The smallest three-decimal fraction strictly above ``value``."""
+    return math.floor(value * 1000) / 1000 + 0.001
+
+
+def _refuse_empty_splits(
+    classes: tuple[str, ...], positions: list[list[float]], config: BuildDatasetConfig
+) -> None:
+    """Refuses a split that some class would have no image in, naming the fraction that would fix it."""
+    held_out = config.validation_fraction + config.test_fraction
+    no_train = {classes[c]: max(p) for c, p in enumerate(positions) if max(p) < held_out}
+    if no_train:
+        limit = math.floor(min(no_train.values()) * 1000) / 1000
+        flags = "--validation-fraction" + (" plus --test-fraction" if config.test_fraction else "")
+        raise DataError(
+            f"{_names(no_train)} would have no train image: all its images fall in the held-out split; add "
+            f"images to it, or make {flags} at most {limit:.3f} (now {held_out:g})"
+        )
+    if config.validation_fraction > 0:
+        no_validation = {
+            classes[c]: min(p) for c, p in enumerate(positions) if min(p) >= config.validation_fraction
+        }
+        if no_validation:
+            needed = _just_above(max(no_validation.values()))
+            raise DataError(
+                f"{_names(no_validation)} would have no validation image at --validation-fraction "
+                f"{config.validation_fraction:g}; add images to it, or use --validation-fraction "
+                f"{needed:.3f} or more (or 0 for no validation split)"
+            )
+    if config.test_fraction > 0:
+        v = config.validation_fraction
+        gaps = {classes[c]: min(x - v for x in p if x >= v) for c, p in enumerate(positions)}
+        no_test = {name: gap for name, gap in gaps.items() if gap >= config.test_fraction}
+        if no_test:
+            needed = _just_above(max(no_test.values()))
+            raise DataError(
+                f"{_names(no_test)} would have no test image at --test-fraction {config.test_fraction:g}; "
+                f"add images to it, or use --test-fraction {needed:.3f} or more"
+            )
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def _shard_count(split_bytes: int, examples: int, requested: int | None) -> int:
+    wanted = requested or math.ceil(split_bytes / SHARD_TARGET_BYTES)
+    return max(1, min(wanted, examples))
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    """slim's naming: ``train-00000-of-00004.tfrecord``."""
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def _example(tf: Any, encoded: bytes, image: _Image) -> bytes:
+    """One serialized tf.train.Example with slim's keys and the relative path."""
+
+    def as_bytes(value: bytes) -> Any:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def as_int(value: int) -> Any:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    features = {
+        "image/encoded": as_bytes(encoded),
+        "image/format": as_bytes(b"jpg"),
+        "image/class/label": as_int(image.label),
+        "image/height": as_int(image.height),
+        "image/width": as_int(image.width),
+        "image/filename": as_bytes(image.path.encode("utf-8", "surrogateescape")),  # any file name
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def _size_stats(values: list[int]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _fingerprint(classes: tuple[str, ...], assigned: dict[str, list[_Image]]) -> str:
+    digest = hashlib.sha256(json.dumps(list(classes)).encode())
+    rows = sorted((split, image.path, image.label, image.stored_sha256) for split, images in assigned.items()
+                  for image in images)  # fmt: skip
+    for split, path, label, stored_sha256 in rows:
+        digest.update(f"{split}\t{label}\t{path}\t{stored_sha256}\n".encode())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _partial_folder(out: Path) -> Iterator[Path]:
+    """A new hidden folder beside ``out``; on failure it goes, with any parent folders made for it."""
+    out = out.absolute()
+    made = [parent for parent in out.parents if not parent.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    # Not tempfile.mkdtemp: its 0700 mode would stay on the published folder; mkdir honours the umask.
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        for parent in made:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Removes what killed builds of ``out`` left behind (their process is gone)."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(partial.name.rsplit(".partial-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue  # not ours, or another user's build still running
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Renames the finished folder into place, replacing an empty folder or (--overwrite) a dataset."""
+    previous = None
+    if out.exists():
+        previous = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.rename(out, previous)
+    os.rename(partial, out)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _check_out(out: Path, image_dir: Path, overwrite: bool) -> None:
+    """Refuses an --out that would overwrite something, or that overlaps IMAGE_DIR."""
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"--out {out} is a file; choose a folder name for the dataset")
+        if (out / DATASET_JSON).exists():
+            if not overwrite:
+                raise DataError(f"--out {out} already holds a dataset; pass --overwrite to replace it")
+        elif any(out.iterdir()):
+            raise DataError(f"--out {out} is a folder with other files in it; choose a new or empty folder")
+    out_path, image_path = out.resolve(), image_dir.resolve()
+    if out_path == image_path or image_path in out_path.parents:
+        raise DataError(
+            f"--out {out} is inside IMAGE_DIR {image_dir}, where it would become a class; write it elsewhere"
+        )
+    if out_path in image_path.parents:
+        raise DataError(f"IMAGE_DIR {image_dir} is inside --out {out}; write the dataset elsewhere")
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def build_dataset(config: BuildDatasetConfig) -> BuildResult:
+    """Builds a dataset folder from a class-per-folder tree of images (see the module docstring).
+
+    Raises:
+        DataError: IMAGE_DIR missing or with fewer than 2 classes; a class with no usable image; a split
+            that some class would have no image in; --out already holding a dataset (without overwrite).
+            Nothing is left at --out when it raises.
+    """
+    started = time.monotonic()
+    image_dir, out = Path(config.image_dir), Path(config.out)
+    _check_image_dir(image_dir)
+    _check_out(out, image_dir, config.overwrite)
+    scan = _scan(image_dir)
+    workers = min(config.workers or default_workers(), max(1, len(scan.files)))
+    where = f"{workers} worker processes" if workers > 1 else "this process"
+    log.info(f"{len(scan.files)} files in {len(scan.classes)} class folders; checking them in {where}")
+
+    with _partial_folder(out) as partial:
+        staging_path = partial / "staging.bin"
+        with open(staging_path, "w+b") as staging:
+            images, skips = _check_images(image_dir, scan, config.max_side, workers, staging)
+            skipped = [_Skip(path, reason) for path, reason in scan.skipped] + skips
+            skipped.sort(key=lambda skip: skip.path)
+            by_class = _group_by_class(scan.classes, images, skipped, image_dir)
+            ordered = _assign_splits(scan.classes, by_class, config)
+            shards = _write_shards(partial, ordered, config.shards, image_dir, staging)
+        staging_path.unlink()
+        metadata = _metadata(config, image_dir, scan.classes, ordered, shards, skipped, images)
+        labels = "".join(f"{label}:{name}\n" for label, name in enumerate(scan.classes))
+        (partial / LABELS_TXT).write_text(labels, encoding="utf-8")
+        (partial / DATASET_JSON).write_text(json.dumps(metadata, indent=1) + "\n")  # last: marks it complete
+        _publish(partial, out)
+
+    seen = len(scan.files) + len(scan.skipped)
+    if skipped:
+        log.warning(
+            f"skipped {len(skipped)} of {seen} files that are not usable images; each is listed with its "
+            f"reason under \"skipped\" in {out / DATASET_JSON}"
+        )
+    groups = metadata["duplicates"]["groups"]
+    spanning = [group for group in groups if len({path.split("/")[0] for path in group}) > 1]
+    if spanning:
+        log.warning(
+            f"{len(spanning)} sets of identical images span more than one class folder (mislabelled?); "
+            f"they are listed under \"duplicates\" in {out / DATASET_JSON}"
+        )
+    seconds = time.monotonic() - started
+    return BuildResult(
+        out=out,
+        classes=scan.classes,
+        split_counts=metadata["split_counts"],
+        class_counts=metadata["class_counts"],
+        shards={split: len(names) for split, names in shards.items()},
+        files_seen=seen,
+        converted=metadata["images"]["converted"],
+        duplicate_groups=len(metadata["duplicates"]["groups"]),
+        duplicate_files=metadata["duplicates"]["files"],
+        skipped=len(skipped),
+        fingerprint=metadata["fingerprint"],
+        seconds=round(seconds, 3),
+        images_per_second=round(seen / seconds, 1) if seconds > 0 else 0.0,
+    )
+
+
+def _check_images(
+    image_dir: Path, scan: _Scan, max_side: int | None, workers: int, staging: BinaryIO
+) -> tuple[list[_Image], list[_Skip]]:
+    """Checks every file in worker processes; re-encoded images go to ``staging`` as they arrive."""
+    images: list[_Image] = []
+    skips: list[_Skip] = []
+    check = functools.partial(_check_file, str(image_dir), max_side)
+    # closing(): on an error or Ctrl-C the worker pool stops at once, not when the traceback is freed.
+    results = contextlib.closing(_map_unordered(check, scan.files, workers))
+    with Progress("Checking images", total=len(scan.files), unit="images") as progress, results as checked:
+        for result in checked:
+            if isinstance(result, _Skip):
+                skips.append(result)
+            elif result.data is not None:
+                offset = staging.tell()
+                staging.write(result.data)
+                images.append(dataclasses.replace(result, data=None, staged_at=offset))
+            else:
+                images.append(result)
+            progress.advance(1)
+    return images, skips
+
+
+def _assign_splits(
+    classes: tuple[str, ...], by_class: list[list[_Image]], config: BuildDatasetConfig
+) -> dict[str, list[_Image]]:
+    """Each image's split from its content; each split ordered by position, which mixes the classes."""
+    positions = [[_position(image.sha256, config.seed) for image in group] for group in by_class]
+    _refuse_empty_splits(classes, positions, config)
+    assigned: dict[str, list[tuple[float, str, _Image]]] = defaultdict(list)
+    for group, group_positions in zip(by_class, positions):
+        for image, position in zip(group, group_positions):
+            split = _split_of(position, config.validation_fraction, config.test_fraction)
+            assigned[split].append((position, image.path, image))
+    return {split: [image for *_, image in sorted(assigned[split])] for split in SPLITS if assigned[split]}
+
+
+def _group_by_class(
+    classes: tuple[str, ...], images: list[_Image], skipped: list[_Skip], image_dir: Path
+) -> list[list[_Image]]:
+    """Images per class id, sorted by path; refuses a class with no usable image."""
+    by_class: list[list[_Image]] = [[] for _ in classes]
+    for image in images:
+        by_class[image.label].append(image)
+    for label, group in enumerate(by_class):
+        if not group:
+            name = classes[label]
+            reasons = [f"{s.path}: {s.reason}" for s in skipped if s.path.startswith(f"{name}/")]
+            detail = f"{len(reasons)} files skipped, e.g. {reasons[0]}" if reasons else "it holds no files"
+            raise DataError(
+                f"class {name!r} ({image_dir / name}) has no usable image ({detail}); add images to it or "
+                f"remove the folder"
+            )
+        group.sort(key=lambda image: image.path)
+    return by_class
+
+
+def _write_shards(
+    partial: Path, ordered: dict[str, list[_Image]], requested: int | None, image_dir: Path, staging: BinaryIO
+) -> dict[str, list[str]]:
+    """Writes each split's records into its shards, in the given order; returns the shard names per split."""
+    from finetune.compat import tf
+
+    def encoded(image: _Image) -> bytes:
+        if image.staged_at is not None:
+            staging.seek(image.staged_at)
+            return staging.read(image.stored_bytes)
+        data = (image_dir / image.path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != image.sha256:
+            raise DataError(f"{image_dir / image.path} changed while the dataset was built; build it again")
+        return data
+
+    shards: dict[str, list[str]] = {}
+    total = sum(len(images) for images in ordered.values())
+    with Progress("Writing records", total=total, unit="images") as progress:
+        for split, images in ordered.items():
+            count = _shard_count(sum(image.stored_bytes for image in images), len(images), requested)
+            shards[split] = [shard_name(split, index, count) for index in range(count)]
+            for index, name in enumerate(shards[split]):
+                chunk = images[index * len(images) // count : (index + 1) * len(images) // count]
+                with tf.io.TFRecordWriter(str(partial / name)) as writer:
+                    for image in chunk:
+                        writer.write(_example(tf, encoded(image), image))
+                        progress.advance(1)
+    return shards
+
+
+def _metadata(
+    config: BuildDatasetConfig,
+    image_dir: Path,
+    classes: tuple[str, ...],
+    ordered: dict[str, list[_Image]],
+    shards: dict[str, list[str]],
+    skipped: list[_Skip],
+    images: list[_Image],
+) -> dict[str, Any]:
+    """The contents of dataset.json."""
+    class_counts = {split: [0] * len(classes) for split in ordered}
+    for split, group in ordered.items():
+        for image in group:
+            class_counts[split][image.label] += 1
+    by_content: dict[str, list[str]] = defaultdict(list)
+    for image in images:
+        by_content[image.sha256].append(image.path)
+    groups = sorted(sorted(paths) for paths in by_content.values() if len(paths) > 1)
+    because = Counter(reason for image in images for reason in image.conversions)
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "classes": list(classes),
+        "split_counts": {split: len(group) for split, group in ordered.items()},
+        "class_counts": class_counts,
+        "shards": shards,
+        "split_bytes": {split: sum(i.stored_bytes for i in group) for split, group in ordered.items()},
+        "fingerprint": _fingerprint(classes, ordered),
+        "seed": config.seed,
+        "validation_fraction": config.validation_fraction,
+        "test_fraction": config.test_fraction,
+        "max_side": config.max_side,
+        "image_size_stats": {
+            "images": len(images),
+            "original_width": _size_stats([image.original_width for image in images]),
+            "original_height": _size_stats([image.original_height for image in images]),
+            "stored_width": _size_stats([image.width for image in images]),
+            "stored_height": _size_stats([image.height for image in images]),
+        },
+        "images": {
+            "formats": dict(sorted(Counter(image.format for image in images).items())),
+            "stored_as_is": sum(1 for image in images if not image.conversions),
+            "converted": sum(1 for image in images if image.conversions),
+            "converted_because": dict(sorted(because.items())),
+        },
+        "duplicates": {"groups": groups, "files": sum(len(group) for group in groups)},
+        "skipped": [{"path": skip.path, "reason": skip.reason} for skip in skipped],
+        "source": str(image_dir.resolve()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finetune_version": __version__,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def load_dataset(path: str | os.PathLike, flag: str = "--dataset") -> DatasetInfo:
+    """Loads a dataset folder's description and checks that its shards are there.
+
+    Args:
+        path: the folder build-dataset wrote.
+        flag: the flag the path came from, for error messages.
+
+    Raises:
+        DataError: the folder is missing, is not a dataset, or has a corrupt dataset.json or missing shards;
+            the message names the path and the command that fixes it.
+    """
+    root = Path(path)
+    build = f"build one with `finetune build-dataset IMAGE_DIR --out {root}`"
+    if not root.exists():
+        raise DataError(f"{flag} {root} does not exist; {build}")
+    if not root.is_dir():
+        raise DataError(f"{flag} {root} is a file, not a dataset folder; {build}")
+    meta_path = root / DATASET_JSON
+    if not meta_path.is_file():
+        raise DataError(f"{flag} {root} is not a dataset (no {DATASET_JSON}); {build}")
+    rebuild = _REBUILD.format(root=root)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{meta_path} is unreadable ({exc}); {rebuild}") from None
+    try:
+        if meta["format"] != FORMAT or meta["version"] > FORMAT_VERSION:
+            raise DataError(
+                f"{meta_path} is {meta['format']} version {meta['version']}, not one this finetune "
+                f"({__version__}) reads; {rebuild}"
+            )
+        classes = tuple(str(name) for name in meta["classes"])
+        counts = meta["split_counts"]
+        split_counts = {split: int(counts[split]) for split in SPLITS if split in counts}
+        info = DatasetInfo(
+            root=root,
+            classes=classes,
+            split_counts=split_counts,
+            class_counts={split: [int(n) for n in meta["class_counts"][split]] for split in split_counts},
+            fingerprint=str(meta["fingerprint"]),
+            image_size_stats=dict(meta["image_size_stats"]),
+            shard_names={split: tuple(meta["shards"][split]) for split in split_counts},
+            split_bytes={split: int(meta["split_bytes"][split]) for split in split_counts},
+            metadata=meta,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"{meta_path} is incomplete or corrupt (bad or missing {exc}); {rebuild}") from None
+    for split in split_counts:
+        for name in info.shard_names[split]:
+            if not (root / name).is_file():
+                raise DataError(f"{root / name} is missing from dataset {root}; {rebuild}")
+    return info
+
+
+def record_features() -> dict[str, Any]:
+    """The parse spec of a record: slim's keys and ``image/filename``."""
+    from finetune.compat import tf
+
+    return {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/format": tf.io.FixedLenFeature([], tf.string, default_value="jpg"),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+        "image/height": tf.io.FixedLenFeature([], tf.int64),
+        "image/width": tf.io.FixedLenFeature([], tf.int64),
+        "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
+
+
+def _shuffle_buffer(info: DatasetInfo, split: str) -> int:
+    """Records held for shuffling: the whole split when it fits in SHUFFLE_BUFFER_BYTES."""
+    count = info.split_counts[split]
+    average = max(1, info.split_bytes.get(split, 0) // max(1, count))
+    return max(1, min(count, SHUFFLE_BUFFER_BYTES // average))
+
+
+def read_dataset(
+    info: DatasetInfo,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    training: bool,
+    augment: bool = True,
+    shuffle: bool | None = None,
+    repeat: bool = False,
+    seed: int | None = None,
+    drop_remainder: bool = False,
+    num_parallel_calls: int | None = None,
+) -> "tf.data.Dataset":
+    """A tf.data pipeline over one split: batches of ``{"image", "label", "path"}``.
+
+    ``image`` is float32 [B, S, S, 3] in [-1, 1], ``label`` int64 [B], ``path`` the source file's path
+    relative to IMAGE_DIR (tf.string [B]).
+
+    Args:
+        info: from :func:`load_dataset`.
+        split: "train", "validation" or "test".
+        batch_size: examples per batch.
+        image_size: S, the network's input size.
+        training: slim's train transform (random crop, flip, colour) when True, its eval transform
+            (central crop 0.875, bilinear resize) when False.
+        augment: with ``training``, False gives the eval transform instead: deterministic, and what
+            evaluation will show the model.
+        shuffle: shuffle shard order and records (seeded); defaults to ``training``. Without shuffle the
+            records come in file order, every one exactly once per pass.
+        repeat: repeat forever (each pass reshuffled and re-augmented).
+        seed: makes shuffling and augmentation reproducible; None draws a fresh seed.
+        drop_remainder: drop a last, smaller batch (gives a static batch dimension).
+        num_parallel_calls: parallel decode/preprocess calls; None lets tf.data tune it.
+
+    Raises:
+        DataError: the split is unknown or this dataset has no examples in it.
+    """
+    from finetune import preprocessing
+    from finetune.compat import tf
+
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
+    files = [str(path) for path in info.files(split)]
+    shuffle = training if shuffle is None else shuffle
+    augment = training and augment
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    parallel = num_parallel_calls or tf.data.AUTOTUNE
+    if shuffle:
+        names = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+        records = names.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(files), 16),
+            num_parallel_calls=min(len(files), 16),
+            deterministic=True,
+        )
+        records = records.shuffle(_shuffle_buffer(info, split), seed=seed, reshuffle_each_iteration=True)
+    else:
+        records = tf.data.TFRecordDataset(files)  # one shard after the other: file order
+    if repeat:
+        records = records.repeat()
+    # A stateless seed pair per record position, so augmentation is reproducible under a seed however many
+    # calls run in parallel. Each pass reshuffles, so an image meets new pairs; with repeat=True the stream
+    # runs on across passes. (rerandomize_each_iteration=True would break tf.compat.v1 one-shot iterators.)
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    features = record_features()
+
+    def prepare(record: tf.Tensor, pair: tf.Tensor) -> dict[str, tf.Tensor]:
+        parsed = tf.io.parse_single_example(record, features)
+        image = preprocessing.decode_image(parsed["image/encoded"])
+        if augment:
+            image = preprocessing.random_train_transform(image, image_size, pair)[0]
+        else:
+            image = preprocessing.preprocess_for_eval(image, image_size)
+        return {"image": image, "label": parsed["image/class/label"], "path": parsed["image/filename"]}
+
+    examples = tf.data.Dataset.zip(records, seeds)
+    examples = examples.map(prepare, num_parallel_calls=parallel, deterministic=True)
+    return examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
