@@ -237,11 +237,23 @@ class _Formatter(logging.Formatter):
         return message
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not when logging was configured.
+
+    A caller that swaps sys.stderr (a test capturing output, a notebook) then still gets the lines, and a
+    closed stream from an earlier in-process run is never written to.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(verbosity: int) -> None:
     """Progress and logs on stderr: -q warnings only, default info, -v debug and TensorFlow's logs."""
     if verbosity > 0:
         os.environ["FINETUNE_VERBOSE"] = "1"
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.propagate = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,15 @@ import pytest
 
 # Tests run offline and quietly; TensorFlow's C++ lines would only bury pytest's output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """An in-process cli.main sets the finetune logger's level and handler; each test starts as it found it."""
+    logger = logging.getLogger("finetune")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import shutil
 import socket
 import tarfile
@@ -62,15 +61,6 @@ def tarball_bytes(tarball) -> bytes:
 @pytest.fixture(scope="module")
 def checkpoint_bytes(standin_checkpoint) -> bytes:
     return standin_checkpoint.read_bytes()
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.main points the finetune logger at this test's captured stderr; put it back for later tests."""
-    logger = logging.getLogger("finetune")
-    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
 
 
 @pytest.fixture
