@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune import __version__
-from finetune.config import BuildDatasetConfig, DownloadConfig, PreviewConfig
+from finetune.config import (
+    BuildDatasetConfig,
+    DownloadConfig,
+    PreviewConfig,
+    TrainConfig,
+)
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -119,23 +124,42 @@ def _run_preview(config: PreviewConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _run_train(config: Any, args: argparse.Namespace) -> int:
+    from finetune.train import train
+
+    result = train(config)
+    if args.json:
+        print(to_json(result))
+    else:
+        rate = f", {result.images_per_second:.1f} images/s" if result.images_per_second else ""
+        print(
+            f"{result.status}: {result.train_dir} at step {result.global_step}/{result.total_steps} "
+            f"in {_format_seconds(result.seconds)}{rate}"
+        )
+        if result.first_loss is not None:
+            print(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; "
+                  f"train accuracy {result.train_accuracy:.4f}")  # fmt: skip
+        if result.validation_accuracy is not None:
+            print(f"validation accuracy {result.validation_accuracy:.4f}")
+        if not result.pretrained:
+            print("not pretrained: these weights started from random values (--checkpoint none)")
+        print(f"checkpoint: {result.checkpoint}")
+    return 130 if result.status == "interrupted" else 0
+
+
 # Subcommands, in the order data flows. Each issue that adds a stage adds its row.
 COMMANDS: list[Command] = [
     Command("download", "fetch and verify the pretrained checkpoint", DownloadConfig, _run_download, True),
-    Command(
-        "build-dataset",
-        "turn a folder of class subfolders into sharded TFRecords with a held-out split",
-        BuildDatasetConfig,
-        _run_build_dataset,
-        json_output=True,
-    ),
-    Command(
-        "preview",
-        "draw training examples after train preprocessing beside their originals",
-        PreviewConfig,
-        _run_preview,
-        json_output=True,
-    ),
+    Command("build-dataset", "turn a folder of class subfolders into sharded TFRecords with a held-out split",
+            BuildDatasetConfig, _run_build_dataset, json_output=True),  # fmt: skip
+    Command("preview", "draw training examples after train preprocessing beside their originals",
+            PreviewConfig, _run_preview, json_output=True),  # fmt: skip
+    Command("train", "fine-tune the chosen layers on a built dataset", TrainConfig, _run_train, json_output=True),
 ]
 
 
@@ -168,7 +192,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
             kwargs["choices"] = meta["choices"]
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
-        if kind is bool:
+        if kind is bool and spec.default is False:
+            kwargs["action"] = "store_true"  # an off-by-default switch needs no --no- form
+        elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
             kwargs["type"] = typing.get_args(kind)[0]

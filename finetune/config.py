@@ -159,3 +159,87 @@ class DownloadConfig:
             raise FinetuneError(f"--timeout {self.timeout}: must be more than 0 seconds")
         if self.retries < 0:
             raise FinetuneError(f"--retries {self.retries}: must be 0 or more")
+
+
+# Default learning rates by optimizer and by the depth of the layers trained. Adam is the default: its steps
+# do not depend on the scale of the features, so one rate suits a new head on any backbone (Keras's
+# transfer-learning recipe: 1e-3 for the head, 1e-5 for the whole network). The RMSProp row is slim's flowers
+# recipe (epsilon 1.0: 0.01 for the head, 0.0001 for everything); presets in between are interpolated.
+DEFAULT_LEARNING_RATES = {
+    "adam": {"logits": 0.001, "mixed_7": 0.0001, "mixed_6": 0.00005, "all": 0.00001},
+    "rmsprop": {"logits": 0.01, "mixed_7": 0.001, "mixed_6": 0.0005, "all": 0.0001},
+    "momentum": {"logits": 0.01, "mixed_7": 0.001, "mixed_6": 0.0005, "all": 0.0001},
+    "sgd": {"logits": 0.1, "mixed_7": 0.01, "mixed_6": 0.005, "all": 0.001},
+}
+OPTIMIZERS = tuple(DEFAULT_LEARNING_RATES)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`finetune train`: fine-tune the chosen layers on a built dataset."""
+
+    dataset: str = option(help="dataset folder written by `finetune build-dataset`")
+    train_dir: str = option(help="folder for checkpoints, config.json and TensorBoard events")
+    checkpoint: str = option(
+        "checkpoints/inception_v3.ckpt",
+        help="weights to start from: a .ckpt file, an earlier train dir, or 'none' for random weights",
+    )
+    trainable: str = option(
+        "logits", help="layers to train: a preset (logits, mixed_7, mixed_6, all) or comma-separated scopes"
+    )
+    exclude: str | None = option(
+        None, help="scopes not restored from --checkpoint (default: the head when the class count differs)"
+    )
+    epochs: float | None = option(None, help="passes over the training split (default: 10)")
+    steps: int | None = option(None, help="training steps; overrides --epochs")
+    batch_size: int = option(32, help="images per step, split evenly across devices")
+    optimizer: str = option("adam", help="update rule", choices=OPTIMIZERS)
+    learning_rate: float | None = option(
+        None, help="initial rate (default: by optimizer and depth, e.g. 0.001 for adam on logits)"
+    )
+    decay_rate: float = option(0.94, help="learning rate multiplier per decay period (staircase)")
+    decay_epochs: float = option(2.0, help="epochs per decay period")
+    warmup_epochs: float = option(0.0, help="epochs of linear warm-up from zero")
+    weight_decay: float = option(0.00004, help="L2 penalty on the trained weights only")
+    label_smoothing: float = option(0.0, help="share of each label spread over the other classes")
+    dropout_keep: float = option(0.8, help="keep probability of the dropout before the logits")
+    augment: bool | None = option(
+        None, help="random crops, flips and colour changes (default: off for logits, on for deeper)"
+    )
+    class_weights: str = option(
+        "none", help="'auto' weighs each class by its inverse frequency", choices=("none", "auto")
+    )
+    image_size: int = option(299, help="square input size in pixels, 75 to 330")
+    seed: int = option(0, help="seed for shuffling, augmentation and new weights")
+    device: str = option(
+        "auto", help="auto, cpu, gpu, gpu:N (N GPUs), or cpu:N (N CPU towers, to test the multi-device path)"
+    )
+    save_every: int | None = option(None, help="steps between checkpoints (default: one epoch)")
+    save_minutes: float = option(10.0, help="also save when this many minutes passed since the last save")
+    keep_checkpoints: int = option(3, help="checkpoints kept in the train dir")
+    eval_every: int | None = option(
+        None, help="steps between validation passes (default: one epoch; 0 turns them off)"
+    )
+    overwrite: bool = option(False, help="start over in a train dir that holds another run")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
+            (self.steps is None or self.steps >= 1, "--steps must be at least 1"),
+            (self.learning_rate is None or self.learning_rate > 0, "--learning-rate must be positive"),
+            (0 < self.decay_rate <= 1, "--decay-rate must be in (0, 1]"),
+            (self.decay_epochs > 0, "--decay-epochs must be positive"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be zero or more"),
+            (self.weight_decay >= 0, "--weight-decay must be zero or more"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (0 < self.dropout_keep <= 1, "--dropout-keep must be in (0, 1]"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (self.save_every is None or self.save_every >= 1, "--save-every must be at least 1"),
+            (self.eval_every is None or self.eval_every >= 0, "--eval-every must be zero or more"),
+            (self.save_minutes > 0, "--save-minutes must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FinetuneError(message)
+

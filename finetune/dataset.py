@@ -809,6 +809,7 @@ def read_dataset(
     seed: int | None = None,
     drop_remainder: bool = False,
     num_parallel_calls: int | None = None,
+    skip: int = 0,
 ) -> "tf.data.Dataset":
     """A tf.data pipeline over one split: batches of ``{"image", "label", "path"}``.
 
@@ -830,6 +831,9 @@ def read_dataset(
         seed: makes shuffling and augmentation reproducible; None draws a fresh seed.
         drop_remainder: drop a last, smaller batch (gives a static batch dimension).
         num_parallel_calls: parallel decode/preprocess calls; None lets tf.data tune it.
+        skip: examples of the stream to pass over before anything is decoded, with their augmentation
+            seeds, so a resumed run continues exactly where an uninterrupted one would be, at the cost of
+            reading records only.
 
     Raises:
         DataError: the split is unknown or this dataset has no examples in it.
@@ -873,6 +877,7 @@ def read_dataset(
             image = preprocessing.preprocess_for_eval(image, image_size)
         return {"image": image, "label": parsed["image/class/label"], "path": parsed["image/filename"]}
 
-    examples = tf.data.Dataset.zip(records, seeds)
+    # skip() is applied even for 0, so a resumed graph has the same ops (and op seeds) as a fresh one.
+    examples = tf.data.Dataset.zip(records, seeds).skip(skip)
     examples = examples.map(prepare, num_parallel_calls=parallel, deterministic=True)
     return examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

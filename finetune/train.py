@@ -1,0 +1,651 @@
+"""Fine-tune InceptionV3 on a built dataset: restore the pretrained layers, train the chosen ones, checkpoint.
+
+The story, top to bottom: ``plan_training`` checks every input and derives the numbers (steps, learning
+rate, devices) before TensorFlow does any work; ``train`` builds one graph (input pipeline on the CPU, one
+tower per device, averaged gradients), restores or resumes, and runs one loop that logs, validates, saves and
+stops cleanly on Ctrl-C or a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune import __version__, model
+from finetune.config import DEFAULT_LEARNING_RATES, TrainConfig
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_NAME = "model.ckpt"
+AUX_LOSS_WEIGHT = 0.4  # the aux head's share of the loss while it trains (the Inception-v3 paper's choice)
+DEFAULT_EPOCHS = 10.0
+# Settings a resumed run must share with the run it continues: they shape the variables or the data.
+_RESUME_MUST_MATCH = ("dataset_fingerprint", "classes", "trainable_scopes", "image_size", "optimizer")
+# The fresh head's classifier layers start at zero, so the first predictions are uniform and the first
+# gradients reach only these layers (Big Transfer's choice); the aux head's inner layers keep slim's init.
+_ZERO_INIT_LAYERS = (f"{model.LOGITS_SCOPE}/Conv2d_1c_1x1", f"{model.AUX_SCOPE}/Conv2d_2b_1x1")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved settings of a run; saved as config.json in the train dir."""
+
+    dataset: str
+    dataset_fingerprint: str
+    classes: tuple[str, ...]
+    split_counts: dict[str, int]
+    train_class_counts: tuple[int, ...]
+    checkpoint: str | None  # what the weights started from; None for random initialisation
+    trainable_scopes: tuple[str, ...]
+    exclude_scopes: tuple[str, ...]
+    image_size: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    optimizer: str
+    learning_rate: float
+    decay_rate: float
+    decay_steps: int
+    warmup_steps: int
+    weight_decay: float
+    label_smoothing: float
+    dropout_keep: float
+    augment: bool
+    class_weights: tuple[float, ...] | None
+    seed: int
+    devices: tuple[str, ...]
+    save_every: int
+    save_minutes: float
+    keep_checkpoints: int
+    eval_every: int
+    finetune_version: str = __version__
+
+
+@dataclass
+class TrainResult:
+    """What a run did; the CLI prints it."""
+
+    train_dir: str
+    checkpoint: str | None  # the newest checkpoint written or found
+    status: str  # "completed", "interrupted" or "already complete"
+    start_step: int
+    global_step: int
+    total_steps: int
+    first_loss: float | None  # mean loss over the first steps of this run
+    final_loss: float | None  # mean loss over its last steps
+    train_accuracy: float | None  # mean batch accuracy over the last epoch's steps (or fewer)
+    validation_accuracy: float | None
+    images_per_second: float | None
+    seconds: float
+    peak_memory_mb: float
+    devices: tuple[str, ...]
+    pretrained: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def resolve_devices(spec: str) -> tuple[str, ...]:
+    """Turns --device into TensorFlow device names: one tower per device.
+
+    ``auto`` takes every GPU, or the CPU when there is none; ``gpu:N`` the first N GPUs; ``cpu:N`` N logical
+    CPU devices, which exercises the multi-tower path on a machine without GPUs.
+    """
+    from finetune.compat import tf
+
+    kind, _, count_text = spec.partition(":")
+    if kind not in ("auto", "cpu", "gpu") or (count_text and (not count_text.isdigit() or int(count_text) < 1)):
+        raise FinetuneError(f"--device {spec}: use auto, cpu, gpu, gpu:N or cpu:N with N at least 1")
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if kind == "auto":
+        kind = "gpu" if gpus else "cpu"
+    count = int(count_text) if count_text else (gpus if kind == "gpu" else 1)
+    if kind == "gpu" and gpus < max(count, 1):
+        raise FinetuneError(
+            f"--device {spec}: TensorFlow sees {gpus} GPU(s); check the CUDA install with "
+            "`python -c \"import tensorflow as tf; print(tf.config.list_physical_devices('GPU'))\"` "
+            "or pass --device cpu"
+        )
+    return tuple(f"/{kind}:{index}" for index in range(count))
+
+
+def _depth_preset(scopes: tuple[str, ...]) -> str:
+    """The preset whose depth matches the deepest layer trained: picks default rates and augmentation."""
+    blocks = [model.SCOPES.index(s) if s in model.SCOPES else 0 for s in scopes]  # the root counts as all
+    deepest = model.BLOCKS[min(blocks)] if blocks else "Logits"
+    if deepest in ("Logits", "AuxLogits"):
+        return "logits"
+    if deepest.startswith("Mixed_7"):
+        return "mixed_7"
+    if deepest.startswith("Mixed_6"):
+        return "mixed_6"
+    return "all"
+
+
+def _auto_class_weights(counts: list[int]) -> tuple[float, ...]:
+    """Inverse class frequency, scaled so that the average example weighs 1."""
+    total, present = sum(counts), sum(1 for c in counts if c)
+    return tuple(total / (present * c) if c else 0.0 for c in counts)
+
+
+def plan_training(config: TrainConfig) -> Plan:
+    """Checks the dataset, checkpoint, scopes and devices, and derives every number of the run.
+
+    Everything a user can get wrong is reported here, before any graph is built.
+    """
+    from finetune.dataset import load_dataset
+
+    info = load_dataset(config.dataset, flag="--dataset")
+    train_count = info.split_counts.get("train", 0)
+    if train_count == 0:
+        raise FinetuneError(f"--dataset {config.dataset}: the train split is empty; rebuild the dataset")
+    model.check_image_size(config.image_size)
+    trainable = model.resolve_scopes(config.trainable, "--trainable")
+    if not trainable:
+        raise FinetuneError("--trainable names no layers; use a preset such as logits")
+    if config.checkpoint.lower() == "none":
+        checkpoint_path, exclude = None, ()
+    else:
+        checkpoint = model.open_checkpoint(config.checkpoint, flag="--checkpoint")
+        checkpoint_path = checkpoint.path
+        exclude = (
+            model.resolve_scopes(config.exclude, "--exclude")
+            if config.exclude is not None
+            else model.default_exclusions(len(info.classes), checkpoint)
+        )
+    devices = resolve_devices(config.device)
+    if config.batch_size % len(devices):
+        raise FinetuneError(
+            f"--batch-size {config.batch_size} does not split evenly over {len(devices)} devices; "
+            f"use a multiple of {len(devices)}"
+        )
+    steps_per_epoch = math.ceil(train_count / config.batch_size)
+    epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
+    total_steps = config.steps if config.steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
+    depth = _depth_preset(trainable)
+    validation_count = info.split_counts.get("validation", 0)
+    eval_every = config.eval_every if config.eval_every is not None else steps_per_epoch
+    return Plan(
+        dataset=str(Path(config.dataset).resolve()),
+        dataset_fingerprint=info.fingerprint,
+        classes=tuple(info.classes),
+        split_counts=dict(info.split_counts),
+        train_class_counts=tuple(info.class_counts["train"]),
+        checkpoint=checkpoint_path and str(Path(checkpoint_path).resolve()),
+        trainable_scopes=trainable,
+        exclude_scopes=tuple(exclude),
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        optimizer=config.optimizer,
+        learning_rate=config.learning_rate or DEFAULT_LEARNING_RATES[config.optimizer][depth],
+        decay_rate=config.decay_rate,
+        decay_steps=max(1, round(config.decay_epochs * steps_per_epoch)),
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        dropout_keep=config.dropout_keep,
+        augment=config.augment if config.augment is not None else depth != "logits",
+        class_weights=_auto_class_weights(info.class_counts["train"]) if config.class_weights == "auto" else None,
+        seed=config.seed,
+        devices=devices,
+        save_every=config.save_every or steps_per_epoch,
+        save_minutes=config.save_minutes,
+        keep_checkpoints=config.keep_checkpoints,
+        eval_every=eval_every if validation_count else 0,
+    )
+
+
+# ------------------------------------------------------------------------------------------- the train dir
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(f"{path}: unreadable ({exc}); pass --overwrite to start over in that train dir")
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _clear_run(train_dir: Path) -> None:
+    """Removes what a run writes (checkpoints, events, config, evaluations), nothing else."""
+    patterns = ("checkpoint", f"{CHECKPOINT_NAME}-*", "events.out.tfevents.*", CONFIG_FILE, "eval-*.json")
+    for pattern in patterns:
+        for path in train_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def prepare_train_dir(train_dir: Path, plan: Plan, overwrite: bool) -> str | None:
+    """Makes the train dir ready; returns the checkpoint to resume from, or None for a new run.
+
+    Raises:
+        FinetuneError: the dir holds a run for another dataset, class list or layer choice.
+    """
+    from finetune.compat import tf
+
+    config_path = train_dir / CONFIG_FILE
+    if overwrite and train_dir.exists():
+        _clear_run(train_dir)
+    if not config_path.exists():
+        if (train_dir / "checkpoint").exists() or (train_dir / "dataset.json").exists():
+            raise FinetuneError(
+                f"--train-dir {train_dir} holds files that finetune did not write there (no {CONFIG_FILE}); "
+                "choose an empty or new folder"
+            )
+        train_dir.mkdir(parents=True, exist_ok=True)
+        return None
+    previous = _read_json(config_path)
+    current = json.loads(json.dumps(asdict(plan)))
+    for key in _RESUME_MUST_MATCH:
+        if previous.get(key) != current[key]:
+            raise FinetuneError(
+                f"--train-dir {train_dir} holds a run with another {key.replace('_', ' ')} "
+                f"({previous.get(key)} there, {current[key]} now); pass --overwrite to start over, "
+                "or choose a new --train-dir (with --checkpoint pointing at this one to build on it)"
+            )
+    return tf.train.latest_checkpoint(str(train_dir))
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+
+
+@dataclass
+class _Graph:
+    graph: object
+    train_op: object
+    loss: object
+    accuracy: object
+    learning_rate: object
+    global_step: object
+    saver: object
+    zero_head: list
+    restore_variables: list
+    validation: tuple | None  # (iterator initializer, correct count, example count) or None
+    random_ops: list  # stateful random ops the train step runs (dropout), with a feed of their shapes
+
+
+def _stateful_random_ops(operations) -> list:
+    """The training step's stateful random ops (dropout masks), each with a feed that runs it alone.
+
+    A stateful random op's stream restarts with every session, so a resumed run would draw the masks of
+    step 1 again. Running each op once per step already taken puts the stream where an uninterrupted run
+    would have it; feeding its shape input (known statically) cuts off everything upstream of it.
+    """
+    found = []
+    for op in operations:
+        if not op.op_def.is_stateful or "Random" not in op.type or "Initializer" in op.name.split("/"):
+            continue
+        shape = op.outputs[0].shape
+        if not shape.is_fully_defined():
+            raise RuntimeError(f"random op {op.name} has no static shape; resume could not replay it")
+        found.append((op.outputs[0], {op.inputs[0]: np.array(shape.as_list(), op.inputs[0].dtype.as_numpy_dtype)}))
+    return found
+
+
+def _learning_rate(plan: Plan, global_step):
+    from finetune.compat import tf
+
+    step = tf.cast(global_step, tf.float32)
+    rate = plan.learning_rate * tf.pow(plan.decay_rate, tf.floor(step / plan.decay_steps))
+    if plan.warmup_steps:
+        rate *= tf.minimum(1.0, (step + 1.0) / plan.warmup_steps)
+    return tf.identity(rate, name="learning_rate")
+
+
+def _optimizer(name: str, learning_rate):
+    from finetune.compat import tf
+
+    train = tf.compat.v1.train
+    if name == "rmsprop":  # slim's settings; epsilon 1.0 keeps early steps small on a fresh head
+        return train.RMSPropOptimizer(learning_rate, decay=0.9, momentum=0.9, epsilon=1.0)
+    if name == "momentum":
+        return train.MomentumOptimizer(learning_rate, momentum=0.9)
+    if name == "adam":
+        return train.AdamOptimizer(learning_rate)
+    return train.GradientDescentOptimizer(learning_rate)
+
+
+def _placement(device: str, towers: int):
+    """Ops of a tower on its device; with several towers, the shared variables on the CPU."""
+    if towers == 1:
+        return device
+    variable_ops = {"Variable", "VariableV2", "VarHandleOp"}
+    return lambda op: "/cpu:0" if op.type in variable_ops else device
+
+
+def _tower_loss(net: model.Network, labels, plan: Plan, trained_weights: list):
+    from finetune.compat import tf
+
+    classes = len(plan.classes)
+    onehot = tf.one_hot(labels, classes)
+    weights = 1.0
+    if plan.class_weights:
+        weights = tf.gather(tf.constant(plan.class_weights, tf.float32), labels)
+    losses = tf.compat.v1.losses
+
+    def cross_entropy(logits):
+        return losses.softmax_cross_entropy(
+            onehot, logits, weights=weights, label_smoothing=plan.label_smoothing, loss_collection=None
+        )
+
+    loss = cross_entropy(net.logits)
+    if net.aux_logits is not None:
+        loss += AUX_LOSS_WEIGHT * cross_entropy(net.aux_logits)
+    if plan.weight_decay and trained_weights:
+        loss += plan.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in trained_weights])
+    return loss
+
+
+def _build_graph(plan: Plan, start_step: int) -> _Graph:
+    from finetune.compat import tf
+    from finetune.dataset import load_dataset, read_dataset
+
+    info = load_dataset(plan.dataset)
+    towers = len(plan.devices)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(plan.seed)
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        with tf.device("/cpu:0"):
+            batches = read_dataset(
+                info, "train", batch_size=plan.batch_size, image_size=plan.image_size, training=True,
+                augment=plan.augment, shuffle=True, repeat=True, seed=plan.seed, drop_remainder=True,
+                skip=start_step * plan.batch_size,
+            )  # fmt: skip
+            batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
+            images = tf.split(batch["image"], towers)
+            labels = tf.split(batch["label"], towers)
+        learning_rate = _learning_rate(plan, global_step)
+        optimizer = _optimizer(plan.optimizer, learning_rate)
+        tower_gradients, tower_losses, tower_logits = [], [], []
+        first_tower_op = len(graph.get_operations())
+        for index, device in enumerate(plan.devices):
+            scope = tf.name_scope(f"tower_{index}") if towers > 1 else contextlib.nullcontext()
+            with tf.compat.v1.device(_placement(device, towers)), scope:
+                net = model.build(
+                    images[index], len(plan.classes), train_scopes=plan.trainable_scopes,
+                    dropout_keep_prob=plan.dropout_keep, reuse=True if index else None,
+                )  # fmt: skip
+                trainable = model.trainable_variables(plan.trainable_scopes)
+                weights = [v for v in trainable if v.op.name.endswith("/weights")]
+                loss = _tower_loss(net, labels[index], plan, weights)
+                tower_gradients.append(optimizer.compute_gradients(loss, var_list=trainable))
+                tower_losses.append(loss)
+                tower_logits.append(net.logits)
+        random_ops = _stateful_random_ops(graph.get_operations()[first_tower_op:])
+        with tf.device("/cpu:0" if towers > 1 else plan.devices[0]):
+            averaged = []
+            for pairs in zip(*tower_gradients):
+                gradients = [g for g, _ in pairs if g is not None]
+                if gradients:
+                    mean = gradients[0] if towers == 1 else tf.add_n(gradients) / float(len(gradients))
+                    averaged.append((mean, pairs[0][1]))
+            apply = optimizer.apply_gradients(averaged, global_step=global_step)
+        # Moving statistics from the first tower only, as with a single device.
+        updates = tf.compat.v1.get_collection(model.BATCH_NORM_UPDATES, scope="tower_0" if towers > 1 else None)
+        train_op = tf.group(apply, *updates, name="train_op")
+        all_labels = tf.concat(labels, 0)
+        predictions = tf.argmax(tf.concat(tower_logits, 0), axis=1)
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, all_labels), tf.float32))
+        loss = tf.add_n(tower_losses) / float(towers)
+
+        validation = None
+        if plan.eval_every:
+            with tf.device("/cpu:0"):
+                val_iterator = tf.compat.v1.data.make_initializable_iterator(
+                    read_dataset(info, "validation", batch_size=plan.batch_size,
+                                 image_size=plan.image_size, training=False)
+                )  # fmt: skip
+                val_batch = val_iterator.get_next()
+            with tf.device(plan.devices[0]), tf.name_scope("validation"):
+                val_net = model.build(val_batch["image"], len(plan.classes), reuse=True)
+                correct = tf.reduce_sum(
+                    tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64)
+                )
+            validation = (val_iterator.initializer, correct, tf.size(val_batch["label"]))
+
+        zero_head = [
+            v.assign(tf.zeros_like(v))
+            for v in model.model_variables()
+            if model.in_scopes(v.op.name, _ZERO_INIT_LAYERS) and model.in_scopes(v.op.name, plan.exclude_scopes)
+        ]
+        saver = tf.compat.v1.train.Saver(max_to_keep=plan.keep_checkpoints, save_relative_paths=True)
+        restore_variables = model.variables_to_restore(plan.exclude_scopes) if plan.checkpoint else []
+    return _Graph(
+        graph, train_op, loss, accuracy, learning_rate, global_step, saver, zero_head, restore_variables,
+        validation, random_ops,
+    )
+
+
+def _session_config(plan: Plan):
+    from finetune.compat import tf
+
+    cpu_towers = sum(1 for d in plan.devices if d.startswith("/cpu"))
+    config = tf.compat.v1.ConfigProto(allow_soft_placement=True, device_count={"CPU": max(1, cpu_towers)})
+    config.gpu_options.allow_growth = True
+    return config
+
+
+def _validate(session, validation) -> float:
+    from finetune.compat import tf
+
+    initializer, correct_op, count_op = validation
+    session.run(initializer)
+    correct = total = 0
+    while True:
+        try:
+            batch_correct, batch_count = session.run([correct_op, count_op])
+        except tf.errors.OutOfRangeError:
+            break
+        correct += int(batch_correct)
+        total += int(batch_count)
+    return correct / total if total else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C (or SIGTERM) into a request to save and stop; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step and saving a checkpoint (press Ctrl-C again to abort at once)")
+
+    def __enter__(self) -> "_StopRequest":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _log_summary(plan: Plan, trainable_parameters: int, resume_from: str | None, warnings: list[str]) -> None:
+    counts = ", ".join(f"{split} {count}" for split, count in plan.split_counts.items())
+    log.info(f"classes: {len(plan.classes)} ({', '.join(plan.classes)})")
+    log.info(f"examples: {counts}")
+    log.info(
+        f"trainable: {', '.join(plan.trainable_scopes)} ({trainable_parameters:,} parameters); "
+        f"augment {'on' if plan.augment else 'off'}"
+    )
+    if resume_from:
+        log.info(f"resuming from {resume_from}")
+    elif plan.checkpoint:
+        excluded = ", ".join(plan.exclude_scopes) or "nothing"
+        log.info(f"starting from {plan.checkpoint}; not restored (initialised fresh): {excluded}")
+    log.info(
+        f"steps: {plan.steps_per_epoch} per epoch at batch {plan.batch_size}, {plan.total_steps} in all; "
+        f"{plan.optimizer} at learning rate {plan.learning_rate:g}"
+    )
+    log.info(f"devices: {', '.join(plan.devices)}")
+    for warning in warnings:
+        log.warning(warning)
+
+
+def _scalar_summary(writer, step: int, values: dict) -> None:
+    from finetune.compat import tf
+
+    summary = tf.compat.v1.Summary(
+        value=[tf.compat.v1.Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()]
+    )
+    writer.add_summary(summary, step)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Runs (or resumes) a fine-tuning run described by the config; see the module docstring."""
+    from finetune.compat import tf
+
+    started = time.monotonic()
+    plan = plan_training(config)
+    train_dir = Path(config.train_dir)
+    resume_from = prepare_train_dir(train_dir, plan, config.overwrite)
+    warnings = []
+    if plan.devices == ("/cpu:0",) and config.device == "auto":
+        log.info("no GPU found; training on the CPU")
+    if plan.checkpoint is None and not resume_from:
+        warnings.append("--checkpoint none: starting from random weights; results are not pretrained")
+    train_counts = plan.train_class_counts
+    if min(train_counts) and max(train_counts) > 3 * min(train_counts):
+        advice = "" if plan.class_weights else "; consider --class-weights auto"
+        warnings.append(
+            f"classes are imbalanced: the largest has {max(train_counts)} training examples, the smallest "
+            f"{min(train_counts)}{advice}"
+        )
+    start_step = 0
+    if resume_from:
+        reader = tf.compat.v1.train.NewCheckpointReader(resume_from)
+        start_step = int(reader.get_tensor(tf.compat.v1.GraphKeys.GLOBAL_STEP))
+        if start_step >= plan.total_steps:
+            log.info(f"{train_dir} is already trained to step {start_step}; raise --steps or --epochs to go on")
+            return _result(plan, train_dir, resume_from, "already complete", start_step, start_step,
+                           [], [], None, None, started, warnings)  # fmt: skip
+
+    built = _build_graph(plan, start_step)
+    with built.graph.as_default():
+        trainable_parameters = model.parameter_count(model.trainable_variables(plan.trainable_scopes))
+        if plan.checkpoint and not resume_from:
+            checkpoint = model.open_checkpoint(plan.checkpoint)
+            model.check_restorable(built.restore_variables, checkpoint)
+    _log_summary(plan, trainable_parameters, resume_from, warnings)
+    _write_json_atomically(train_dir / CONFIG_FILE, json.loads(json.dumps(asdict(plan))))
+
+    losses: list[float] = []
+    accuracies: list[float] = []
+    validation_accuracy = None
+    last_checkpoint = resume_from
+    with built.graph.as_default(), tf.compat.v1.Session(config=_session_config(plan)) as session:
+        if resume_from:
+            built.saver.restore(session, resume_from)
+            for _ in range(start_step if built.random_ops else 0):
+                for tensor, feed in built.random_ops:
+                    session.run(tensor, feed)
+        else:
+            session.run(tf.compat.v1.global_variables_initializer())
+            if plan.checkpoint:
+                model.restore(session, built.restore_variables, checkpoint)
+            session.run(built.zero_head)
+        writer = tf.compat.v1.summary.FileWriter(str(train_dir), graph=None if resume_from else built.graph)
+        step = start_step
+        last_save_step, last_save_time = step, time.monotonic()
+        status = "completed"
+
+        def save() -> str:
+            nonlocal last_save_step, last_save_time
+            path = built.saver.save(session, str(train_dir / CHECKPOINT_NAME), global_step=step)
+            last_save_step, last_save_time = step, time.monotonic()
+            return path
+
+        from finetune.progress import Progress
+
+        with _StopRequest() as stop, Progress(
+            "train", plan.total_steps, unit="steps", start=step, rate_unit="images/s", rate_scale=plan.batch_size
+        ) as progress:
+            while step < plan.total_steps:
+                if stop.requested:
+                    status = "interrupted"
+                    break
+                # The learning rate fetched is the one this step used; the step count is kept here rather
+                # than read back, since a fetch of global_step races with its own increment.
+                _, loss, accuracy, rate = session.run(
+                    [built.train_op, built.loss, built.accuracy, built.learning_rate]
+                )
+                step += 1
+                if not math.isfinite(loss):
+                    where = f"{last_checkpoint} (step {last_save_step})" if last_checkpoint else "none yet"
+                    raise FinetuneError(
+                        f"the loss became {loss} at step {step}; stopped without saving (last good checkpoint: "
+                        f"{where}); lower --learning-rate (it was {plan.learning_rate:g}), e.g. to "
+                        f"{plan.learning_rate / 10:g}"
+                    )
+                losses.append(float(loss))
+                accuracies.append(float(accuracy))
+                progress.advance(1, loss=float(loss), accuracy=float(accuracy), lr=float(rate))
+                if step % 10 == 0 or step == plan.total_steps:
+                    _scalar_summary(writer, step, {"loss": loss, "accuracy": accuracy, "learning_rate": rate})
+                if plan.eval_every and (step % plan.eval_every == 0 or step == plan.total_steps):
+                    validation_accuracy = _validate(session, built.validation)
+                    _scalar_summary(writer, step, {"validation_accuracy": validation_accuracy})
+                    log.info(f"step {step}: validation accuracy {validation_accuracy:.4f}")
+                minutes = (time.monotonic() - last_save_time) / 60
+                if step % plan.save_every == 0 or minutes >= plan.save_minutes:
+                    last_checkpoint = save()
+        if step != last_save_step or last_checkpoint is None:
+            last_checkpoint = save()
+        writer.close()
+    return _result(plan, train_dir, last_checkpoint, status, start_step, step, losses, accuracies,
+                   validation_accuracy, progress.rate if losses else None, started, warnings)  # fmt: skip
+
+
+def _result(plan, train_dir, checkpoint, status, start_step, step, losses, accuracies, validation_accuracy,
+            images_per_second, started, warnings) -> TrainResult:  # fmt: skip
+    window = max(1, min(len(losses) // 4, 20))
+    recent = max(1, min(len(accuracies), plan.steps_per_epoch))
+    return TrainResult(
+        train_dir=str(train_dir),
+        checkpoint=checkpoint,
+        status=status,
+        start_step=start_step,
+        global_step=step,
+        total_steps=plan.total_steps,
+        first_loss=float(np.mean(losses[:window])) if losses else None,
+        final_loss=float(np.mean(losses[-window:])) if losses else None,
+        train_accuracy=float(np.mean(accuracies[-recent:])) if accuracies else None,
+        validation_accuracy=validation_accuracy,
+        images_per_second=images_per_second,
+        seconds=time.monotonic() - started,
+        peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        devices=plan.devices,
+        pretrained=plan.checkpoint is not None,
+        warnings=warnings,
+    )

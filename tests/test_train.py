@@ -1,0 +1,221 @@
+"""`finetune train` on generated data at a small image size, against the stand-in pretrained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune import model
+from finetune.compat import tf
+from finetune.config import TrainConfig
+from finetune.errors import FinetuneError
+from finetune.train import train
+from tests.conftest import run_cli
+
+SIZE = "107"  # smallest size with slim's aux head, so the whole head trains
+FAST = ["--image-size", SIZE, "--batch-size", "8", "--eval-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """3 learnable classes, 20 images each, with a validation split."""
+    from finetune.synthetic import make_image_folder
+
+    root = tmp_path_factory.mktemp("train-data")
+    make_image_folder(root / "photos", num_classes=3, images_per_class=20, seed=5, min_side=90, max_side=160)
+    result = run_cli("build-dataset", str(root / "photos"), "--out", str(root / "ds"),
+                     "--validation-fraction", "0.2", "--workers", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return root / "ds"
+
+
+def _variables(prefix: str) -> dict:
+    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def _config(dataset, train_dir, checkpoint, **overrides) -> TrainConfig:
+    settings = dict(dataset=str(dataset), train_dir=str(train_dir), checkpoint=str(checkpoint),
+                    image_size=int(SIZE), batch_size=8, eval_every=0)  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _changed(before: dict, after: dict) -> set:
+    return {name for name in before if name in after and not np.array_equal(before[name], after[name])}
+
+
+@pytest.mark.slow
+def test_training_logits_changes_only_the_head_and_learns(dataset, standin_checkpoint, checkpoint_values, tmp_path):
+    result = train(_config(dataset, tmp_path / "run", standin_checkpoint, steps=40, save_every=1,
+                           keep_checkpoints=100))  # fmt: skip
+    assert result.status == "completed" and result.global_step == 40
+    final = _variables(result.checkpoint)
+    first = _variables(str(tmp_path / "run" / "model.ckpt-1"))
+    network = {n for n in final if n.startswith("InceptionV3/") and "/Adam" not in n}
+    outside = {n for n in network if not model.in_scopes(n, model.HEAD_SCOPES)}
+    assert outside == {n for n in checkpoint_values if not model.in_scopes(n, model.HEAD_SCOPES)}
+    for name in outside:
+        assert np.array_equal(final[name], checkpoint_values[name]), name  # moving statistics included
+    head = network - outside
+    trained = {n for n in head if "moving_" not in n}
+    assert trained <= _changed(first, final)
+    assert result.final_loss < result.first_loss
+    assert result.train_accuracy > 0.8  # chance is 1/3
+
+
+@pytest.mark.slow
+def test_training_mixed_7_also_changes_those_blocks_and_nothing_below(
+    dataset, standin_checkpoint, checkpoint_values, tmp_path
+):
+    result = train(_config(dataset, tmp_path / "run", standin_checkpoint, trainable="mixed_7", steps=6,
+                           augment=False))  # fmt: skip
+    final = _variables(result.checkpoint)
+    scopes = model.PRESETS["mixed_7"]
+    for name in final:
+        if name in checkpoint_values and not model.in_scopes(name, scopes):
+            assert np.array_equal(final[name], checkpoint_values[name]), name
+    mixed_7 = {n for n in checkpoint_values if model.in_scopes(n, scopes[2:])}
+    changed = _changed(checkpoint_values, final)
+    assert {n for n in mixed_7 if n.endswith("/weights")} <= changed
+    assert {n for n in mixed_7 if "moving_" in n} <= changed
+
+
+def _train_cli(dataset, train_dir, checkpoint, *extra) -> list[str]:
+    return [sys.executable, "-m", "finetune", "train", "--dataset", str(dataset), "--train-dir", str(train_dir),
+            "--checkpoint", str(checkpoint), *FAST, *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
+def test_a_stopped_run_resumes_to_the_same_variables(dataset, standin_checkpoint, tmp_path, stop):
+    steps = ["--steps", "14", "--save-every", "2"]  # dropout stays on: resume must replay its masks
+    straight = run_cli(*_train_cli(dataset, tmp_path / "straight", standin_checkpoint, *steps)[3:])
+    assert straight.returncode == 0, straight.stderr
+
+    command = _train_cli(dataset, tmp_path / "stopped", standin_checkpoint, *steps)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "stopped" / "model.ckpt-4.index").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(stop)
+    stdout, stderr = process.communicate(timeout=300)
+    if stop == signal.SIGINT:
+        assert process.returncode == 130, stderr
+        assert stdout.startswith("interrupted:")
+    else:
+        assert process.returncode == -signal.SIGKILL
+    stopped_at = tf.train.latest_checkpoint(str(tmp_path / "stopped"))
+    assert stopped_at and int(stopped_at.rsplit("-", 1)[1]) < 14
+
+    resumed = run_cli(*command[3:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {stopped_at}" in resumed.stderr
+    a = _variables(tf.train.latest_checkpoint(str(tmp_path / "straight")))
+    b = _variables(tf.train.latest_checkpoint(str(tmp_path / "stopped")))
+    assert a.keys() == b.keys() and int(a["global_step"]) == int(b["global_step"]) == 14
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_cpu_towers_match_one_device(dataset, standin_checkpoint, tmp_path):
+    # Logits alone (no aux head, so no batch norm in training mode) and no dropout: two towers of 4 then
+    # compute exactly the averaged gradient of one batch of 8, up to float summation order.
+    common = dict(trainable="Logits", dropout_keep=1.0, steps=5)
+    one = train(_config(dataset, tmp_path / "one", standin_checkpoint, device="cpu", **common))
+    two = train(_config(dataset, tmp_path / "two", standin_checkpoint, device="cpu:2", **common))
+    assert two.devices == ("/cpu:0", "/cpu:1")
+    a, b = _variables(one.checkpoint), _variables(two.checkpoint)
+    weights = "InceptionV3/Logits/Conv2d_1c_1x1/weights"
+    assert not np.array_equal(a[weights], np.zeros_like(a[weights]))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dataset, standin_checkpoint, tmp_path):
+    result = run_cli(*_train_cli(dataset, tmp_path / "run", standin_checkpoint, "--steps", "30",
+                                 "--optimizer", "sgd", "--learning-rate", "1e12", "--save-every", "1")[3:])  # fmt: skip
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the loss became") and "lower --learning-rate (it was 1e+12)" in last
+    bad_step = int(last.split(" at step ")[1].split(";")[0])
+    kept = tf.train.latest_checkpoint(str(tmp_path / "run"))
+    assert kept is None or int(kept.rsplit("-", 1)[1]) == bad_step - 1
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_inputs_are_reported_before_tensorflow_works(dataset, standin_checkpoint, tmp_path):
+    cases = [
+        (["--dataset", str(tmp_path / "nope")], "--dataset"),
+        (["--checkpoint", str(tmp_path / "missing.ckpt")], "run `finetune download`"),
+        (["--trainable", "Mixed_9"], "--trainable: unknown scope 'Mixed_9'"),
+        (["--image-size", "60"], "--image-size 60 is out of range"),
+        (["--device", "cpu:3", "--batch-size", "8"], "--batch-size 8 does not split evenly over 3 devices"),
+        (["--learning-rate", "-1"], "--learning-rate must be positive"),
+    ]
+    for extra, message in cases:
+        args = ["train", "--dataset", str(dataset), "--checkpoint", str(standin_checkpoint),
+                "--train-dir", str(tmp_path / "run"), *extra]  # fmt: skip
+        result = run_cli(*args)
+        assert result.returncode == 1, (extra, result.stderr)
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_train_dir_for_another_dataset_is_refused_unless_overwrite(dataset, standin_checkpoint, tmp_path):
+    from finetune.synthetic import make_image_folder
+
+    first = train(_config(dataset, tmp_path / "run", standin_checkpoint, steps=1))
+    make_image_folder(tmp_path / "other", num_classes=2, images_per_class=8, seed=1, min_side=90, max_side=120)
+    built = run_cli("build-dataset", str(tmp_path / "other"), "--out", str(tmp_path / "other-ds"),
+                    "--validation-fraction", "0.25", "--workers", "1")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    with pytest.raises(FinetuneError, match="holds a run with another dataset fingerprint"):
+        train(_config(tmp_path / "other-ds", tmp_path / "run", standin_checkpoint, steps=1))
+    assert tf.train.latest_checkpoint(str(tmp_path / "run")) == first.checkpoint
+    again = train(_config(tmp_path / "other-ds", tmp_path / "run", standin_checkpoint, steps=1, overwrite=True))
+    assert again.start_step == 0 and again.global_step == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == ["discs", "squares"]
+
+
+@pytest.mark.slow
+def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, standin_checkpoint, tmp_path):
+    head = train(_config(dataset, tmp_path / "head", standin_checkpoint, steps=30))
+    deeper = train(_config(dataset, tmp_path / "deeper", tmp_path / "head", trainable="mixed_7", steps=2,
+                           augment=False))  # fmt: skip
+    plan = json.loads((tmp_path / "deeper" / "config.json").read_text())
+    assert plan["exclude_scopes"] == [] and plan["checkpoint"] == str(Path(head.checkpoint).resolve())
+    assert plan["learning_rate"] == 0.0001  # adam's mixed_7 default, a tenth of the head's
+    assert deeper.first_loss < 0.8 * math.log(3)  # the trained head came along; a fresh one starts at ln 3
+
+
+@pytest.mark.slow
+def test_run_records_config_and_tensorboard_scalars(dataset, standin_checkpoint, tmp_path):
+    result = train(_config(dataset, tmp_path / "run", standin_checkpoint, steps=10, eval_every=5,
+                           class_weights="auto"))  # fmt: skip
+    plan = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert plan["dataset_fingerprint"] and plan["classes"] == ["discs", "squares", "triangles"]
+    assert plan["checkpoint"] == str(standin_checkpoint.resolve())
+    assert plan["exclude_scopes"] == list(model.HEAD_SCOPES) and plan["augment"] is False
+    assert plan["class_weights"] and len(plan["class_weights"]) == 3
+    tags = {}
+    for events in (tmp_path / "run").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    assert {"loss", "accuracy", "learning_rate", "validation_accuracy"} <= tags.keys()
+    assert tags["validation_accuracy"] == [5, 10]
+    assert 0 <= result.validation_accuracy <= 1
