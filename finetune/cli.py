@@ -23,6 +23,9 @@ from finetune import __version__
 from finetune.config import (
     BuildDatasetConfig,
     DownloadConfig,
+    EvaluateConfig,
+    ExportConfig,
+    PredictConfig,
     PreviewConfig,
     TrainConfig,
 )
@@ -152,6 +155,83 @@ def _run_train(config: Any, args: argparse.Namespace) -> int:
     return 130 if result.status == "interrupted" else 0
 
 
+def _print_evaluation(evaluation: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, highlight=False)
+    where = f"step {evaluation.global_step}" if evaluation.global_step is not None else evaluation.source
+    line = f"{evaluation.split}: top-1 {evaluation.top1:.4f}"
+    if evaluation.top5 is not None:
+        line += f", top-5 {evaluation.top5:.4f}"
+    print(f"{line} over {evaluation.examples} examples ({where})")
+    scores = Table("class", "precision", "recall", "F1", "support", title="per class")
+    for row in evaluation.per_class:
+        scores.add_row(row.name, f"{row.precision:.3f}", f"{row.recall:.3f}", f"{row.f1:.3f}", str(row.support))
+    console.print(scores)
+    confusion = Table("true \\ predicted", *evaluation.classes, title="confusion matrix")
+    for name, counts in zip(evaluation.classes, evaluation.confusion):
+        confusion.add_row(name, *map(str, counts))
+    console.print(confusion)
+    if evaluation.most_confident_mistakes:
+        print("most confident mistakes:")
+        for mistake in evaluation.most_confident_mistakes:
+            print(f"  {mistake.path}: {mistake.label} taken for {mistake.predicted} ({mistake.confidence:.3f})")
+    print(f"report: {evaluation.report}\nconfusion matrix: {evaluation.confusion_png}")
+
+
+def _run_evaluate(config: Any, args: argparse.Namespace) -> int:
+    from finetune import evaluate
+
+    def show(evaluation: Any) -> None:
+        print(to_json(evaluation)) if args.json else _print_evaluation(evaluation)
+        sys.stdout.flush()
+
+    if config.watch:
+        evaluate.watch(config, show)
+    else:
+        show(evaluate.evaluate(config))
+    return 0
+
+
+def _run_export(config: Any, args: argparse.Namespace) -> int:
+    from finetune.export import export
+
+    result = export(config)
+    if args.json:
+        print(to_json(result))
+    else:
+        print(f"exported {result.checkpoint} -> {result.model} ({result.size_bytes / 2**20:.1f} MiB)")
+        print(f"labels: {result.labels}; sidecar: {result.sidecar}")
+        if result.saved_model:
+            print(f"SavedModel: {result.saved_model}")
+        print(f"try it: finetune predict --model {result.model} IMAGE_OR_FOLDER")
+    return 0
+
+
+def _run_predict(config: Any, args: argparse.Namespace) -> int:
+    from finetune.predict import predict
+
+    failed = 0
+    for prediction in predict(config):
+        if prediction.error:
+            failed += 1
+            print(f"error: {prediction.path}: {prediction.error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"path": prediction.path, "error": prediction.error}))
+        elif args.json:
+            top = [{"class": name, "probability": p} for name, p in prediction.top]
+            print(json.dumps({"path": prediction.path, "predictions": top}))
+        else:
+            rest = ", ".join(f"{name} {p:.3f}" for name, p in prediction.top[1:])
+            name, probability = prediction.top[0]
+            print(f"{prediction.path}\t{name}\t{probability:.4f}" + (f"\t({rest})" if rest else ""))
+        sys.stdout.flush()
+    if failed:
+        print(f"error: {failed} file(s) could not be labelled; see the lines above", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # Subcommands, in the order data flows. Each issue that adds a stage adds its row.
 COMMANDS: list[Command] = [
     Command("download", "fetch and verify the pretrained checkpoint", DownloadConfig, _run_download, True),
@@ -160,6 +240,10 @@ COMMANDS: list[Command] = [
     Command("preview", "draw training examples after train preprocessing beside their originals",
             PreviewConfig, _run_preview, json_output=True),  # fmt: skip
     Command("train", "fine-tune the chosen layers on a built dataset", TrainConfig, _run_train, json_output=True),
+    Command("evaluate", "measure a run or an exported model on a held-out split", EvaluateConfig, _run_evaluate,
+            json_output=True),  # fmt: skip
+    Command("export", "freeze a run into a .pb for inference", ExportConfig, _run_export, json_output=True),
+    Command("predict", "label image files with an exported .pb", PredictConfig, _run_predict, json_output=True),
 ]
 
 

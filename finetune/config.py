@@ -243,3 +243,50 @@ class TrainConfig:
             if not ok:
                 raise FinetuneError(message)
 
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`finetune evaluate`: measure a train dir's checkpoint or an exported .pb on a held-out split."""
+
+    train_dir: str | None = option(None, help="a training run: evaluates its newest checkpoint")
+    model: str | None = option(None, help="an exported .pb to evaluate instead of a train dir")
+    split: str = option("validation", help="which split", choices=("validation", "test", "train"))
+    checkpoint: str | None = option(None, help="a specific checkpoint of the train dir (default: the newest)")
+    dataset: str | None = option(None, help="dataset folder (default: the one the run or model was trained on)")
+    batch_size: int = option(50, help="images per batch")
+    mistakes: int = option(10, help="how many of the most confident mistakes to list")
+    watch: bool = option(False, help="evaluate each new checkpoint as training writes it")
+    watch_minutes: float = option(30.0, help="with --watch, stop after this long without a new checkpoint")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise FinetuneError("--batch-size must be at least 1")
+        if self.mistakes < 0:
+            raise FinetuneError("--mistakes must be zero or more")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`finetune export`: freeze a run's checkpoint into a .pb for inference."""
+
+    train_dir: str = option(help="the training run to export")
+    out: str | None = option(None, help="the .pb to write (default: TRAIN_DIR/model.pb); sidecars go beside it")
+    checkpoint: str | None = option(None, help="a specific checkpoint of the run (default: the newest)")
+    saved_model: str | None = option(None, help="also write a SavedModel (serving_default) into this new folder")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """`finetune predict`: label image files with an exported .pb."""
+
+    paths: tuple[str, ...] = option(help="image files, or folders searched recursively", positional=True,
+                                    metavar="IMAGE_OR_FOLDER")  # fmt: skip
+    model: str = option(help="the .pb written by `finetune export` (model.json and model.labels.txt beside it)")
+    top_k: int = option(5, help="classes listed per image")
+    batch_size: int = option(32, help="images per batch")
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise FinetuneError("--top-k must be at least 1")
+        if self.batch_size < 1:
+            raise FinetuneError("--batch-size must be at least 1")

@@ -200,3 +200,26 @@ def read_records(dataset_dir: Path) -> dict[str, list[dict]]:
             record["filename"] = record["filename"].decode()
             records.setdefault(split, []).append(record)
     return records
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, standin_checkpoint):
+    """A small finished run: 6 generated classes (JPEG only), 75-pixel images, 40 head steps."""
+    from types import SimpleNamespace
+
+    from finetune.config import TrainConfig
+    from finetune.synthetic import make_image_folder
+    from finetune.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    photos = root / "photos"
+    make_image_folder(photos, num_classes=6, images_per_class=12, seed=11, min_side=80, max_side=140,
+                      png_fraction=0.0)  # fmt: skip
+    built = run_cli("build-dataset", str(photos), "--out", str(root / "dataset"),
+                    "--validation-fraction", "0.25", "--workers", "1")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    result = train(TrainConfig(dataset=str(root / "dataset"), train_dir=str(root / "run"),
+                               checkpoint=str(standin_checkpoint), image_size=75, batch_size=8, steps=40,
+                               eval_every=0))  # fmt: skip
+    return SimpleNamespace(root=root, photos=photos, dataset=root / "dataset", train_dir=root / "run",
+                           checkpoint=result.checkpoint, image_size=75)  # fmt: skip

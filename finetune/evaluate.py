@@ -1,0 +1,381 @@
+"""Measure a trained model on a held-out split: every example exactly once, through the inference graph.
+
+``evaluate`` runs either a train dir's checkpoint (rebuilt as the inference graph: batch norm on its moving
+statistics, eval preprocessing, no dropout, no aux head) or an exported ``.pb`` over the split, then derives
+everything from the predictions in NumPy: top-1 and top-5 accuracy, per-class precision, recall, F1 and
+support, the confusion matrix (also drawn as a PNG), and the most confidently misclassified files.
+``watch`` does the same for each new checkpoint while training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune.config import EvaluateConfig
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class ClassScore:
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class Mistake:
+    path: str
+    label: str
+    predicted: str
+    confidence: float
+
+
+@dataclass
+class ExamplePrediction:
+    path: str
+    label: str
+    predicted: str
+    confidence: float
+
+
+@dataclass
+class Evaluation:
+    """The measurements of one model on one split; saved as eval-<split>.json."""
+
+    split: str
+    examples: int
+    top1: float
+    top5: float | None  # only with more than 5 classes
+    classes: list[str]
+    per_class: list[ClassScore]
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+    most_confident_mistakes: list[Mistake]
+    predictions: list[ExamplePrediction]  # every example, in the split's file order
+    source: str  # the checkpoint or .pb evaluated
+    global_step: int | None
+    dataset: str
+    dataset_fingerprint: str
+    seconds: float
+    images_per_second: float
+    report: str | None = None  # the JSON file written
+    confusion_png: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------------- metrics
+
+
+def score(
+    probabilities: np.ndarray, labels: np.ndarray, paths: list[str], classes: list[str], mistakes: int = 10
+) -> dict:
+    """Accuracy, per-class scores, confusion matrix and the most confident mistakes, from predictions."""
+    count, num_classes = probabilities.shape
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = []
+    for index, name in enumerate(classes):
+        true_positive = int(confusion[index, index])
+        predicted_count = int(confusion[:, index].sum())
+        support = int(confusion[index].sum())
+        precision = true_positive / predicted_count if predicted_count else 0.0
+        recall = true_positive / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append(ClassScore(name, precision, recall, f1, support))
+    top5 = None
+    if num_classes > 5:
+        best5 = np.argsort(-probabilities, axis=1)[:, :5]
+        top5 = float((best5 == labels[:, None]).any(axis=1).mean())
+    every = [
+        ExamplePrediction(paths[i], classes[labels[i]], classes[predicted[i]], float(probabilities[i, predicted[i]]))
+        for i in range(count)
+    ]
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:mistakes]
+    return {
+        "examples": int(count),
+        "top1": float((predicted == labels).mean()) if count else 0.0,
+        "top5": top5,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "most_confident_mistakes": [
+            Mistake(paths[i], classes[labels[i]], classes[predicted[i]], float(probabilities[i, predicted[i]]))
+            for i in wrong
+        ],
+        "predictions": every,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the PNG
+
+
+def draw_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> Path:
+    """Draws the confusion matrix with Pillow: rows true, columns predicted, class names on both axes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    matrix = np.asarray(confusion)
+    n = len(classes)
+    font = ImageFont.load_default(size=14)
+    cell = max(36, 9 * len(str(int(matrix.max(initial=0)))) + 12)
+    label_width = max(int(font.getlength(name)) for name in classes) + 16
+    top, left = label_width + 28, label_width + 28
+    image = Image.new("RGB", (left + n * cell + 16, top + n * cell + 16), "white")
+    draw = ImageDraw.Draw(image)
+    rows = matrix.sum(axis=1, keepdims=True).clip(min=1)
+    for row in range(n):
+        for column in range(n):
+            share = matrix[row, column] / rows[row, 0]
+            shade = int(255 - 200 * share)
+            colour = (shade, shade, 255) if row == column else (255, shade, shade)
+            box = (left + column * cell, top + row * cell, left + (column + 1) * cell, top + (row + 1) * cell)
+            draw.rectangle(box, fill=colour, outline=(180, 180, 180))
+            text = str(int(matrix[row, column]))
+            draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), text, fill="black", font=font, anchor="mm")
+        draw.text((left - 8, top + row * cell + cell / 2), classes[row], fill="black", font=font, anchor="rm")
+    # Column names run upward: drawn on a strip, rotated, pasted above the columns.
+    strip = Image.new("RGB", (label_width, n * cell), "white")
+    strip_draw = ImageDraw.Draw(strip)
+    for column in range(n):
+        strip_draw.text((8, column * cell + cell / 2), classes[column], fill="black", font=font, anchor="lm")
+    image.paste(strip.rotate(90, expand=True), (left, top - label_width - 4))
+    draw.text((left, 4), "predicted", fill="black", font=font)
+    axis = Image.new("RGB", (80, 20), "white")
+    ImageDraw.Draw(axis).text((0, 2), "true", fill="black", font=font)
+    image.paste(axis.rotate(90, expand=True), (2, top))
+    temporary = path.with_name(path.name + ".tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- predictions
+
+
+def _latest_step(checkpoint: str) -> int | None:
+    tail = checkpoint.rsplit("-", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
+
+
+def _predict_split(info, split: str, batch_size: int, image_size: int, build_probabilities, restore):
+    """Runs the split once through a graph; returns probabilities, labels, paths, seconds."""
+    from finetune.compat import tf
+    from finetune.dataset import read_dataset
+
+    with tf.Graph().as_default():
+        with tf.device("/cpu:0"):
+            batches = read_dataset(info, split, batch_size=batch_size, image_size=image_size, training=False)
+            batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
+        probabilities = build_probabilities(batch["image"])
+        with tf.compat.v1.Session() as session:
+            restore(session)
+            outputs, started = [], time.monotonic()
+            from finetune.progress import Progress
+
+            with Progress(f"evaluate {split}", info.split_counts.get(split)) as progress:
+                while True:
+                    try:
+                        result = session.run([probabilities, batch["label"], batch["path"]])
+                    except tf.errors.OutOfRangeError:
+                        break
+                    outputs.append(result)
+                    progress.advance(len(result[1]))
+            seconds = time.monotonic() - started
+    if not outputs:
+        raise FinetuneError(f"the {split} split of {info.root} yielded no examples; rebuild the dataset")
+    probabilities = np.concatenate([o[0] for o in outputs])
+    labels = np.concatenate([o[1] for o in outputs]).astype(np.int64)
+    paths = [p.decode() for o in outputs for p in o[2]]
+    return probabilities, labels, paths, seconds
+
+
+def _checkpoint_source(checkpoint_path: str, num_classes: int):
+    """Graph builder and restore function for a checkpoint rebuilt as the inference graph."""
+    from finetune import model
+    from finetune.compat import tf
+
+    checkpoint = model.open_checkpoint(checkpoint_path)
+
+    def build(images):
+        net = model.build(images, num_classes)
+        return net.probabilities
+
+    def restore(session):
+        variables = model.model_variables()
+        model.check_restorable(variables, checkpoint, flag="--checkpoint")
+        tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables}).restore(session, checkpoint.path)
+
+    return build, restore
+
+
+def _frozen_source(model_path: Path):
+    """Graph builder for an exported .pb, fed through its preprocessed `input` tensor."""
+    from finetune.compat import tf
+    from finetune.export import load_graph_def
+
+    graph_def = load_graph_def(model_path)
+
+    def build(images):
+        (probabilities,) = tf.compat.v1.import_graph_def(
+            graph_def, input_map={"input:0": images}, return_elements=["probabilities:0"], name="model"
+        )
+        return probabilities
+
+    return build, lambda session: None
+
+
+# -------------------------------------------------------------------------------------------- entry points
+
+
+def _resolve(config: EvaluateConfig):
+    """What to evaluate (checkpoint or .pb), on which dataset, at which size; where to write the report."""
+    from finetune import train
+    from finetune.dataset import load_dataset
+
+    if (config.train_dir is None) == (config.model is None):
+        raise FinetuneError("pass --train-dir (a training run) or --model (an exported .pb), one of them")
+    if config.model:
+        from finetune.export import load_sidecar
+
+        sidecar = load_sidecar(Path(config.model))
+        dataset = config.dataset or sidecar.get("dataset")
+        if not dataset:
+            raise FinetuneError(f"--model {config.model}: its sidecar names no dataset; pass --dataset")
+        info = load_dataset(dataset, flag="--dataset")
+        if list(info.classes) != list(sidecar["classes"]):
+            raise FinetuneError(
+                f"--model {config.model} was exported for classes {sidecar['classes']}, but {dataset} has "
+                f"{list(info.classes)}; pass the --dataset it was trained on"
+            )
+        out_dir = Path(config.model).parent
+        report = out_dir / f"{Path(config.model).stem}.eval-{config.split}.json"
+        return info, int(sidecar["image_size"]), None, report
+    train_dir = Path(config.train_dir)
+    config_path = train_dir / train.CONFIG_FILE
+    if not config_path.exists():
+        raise FinetuneError(f"--train-dir {train_dir}: no {train.CONFIG_FILE}; pass the folder `finetune train` wrote")
+    plan = json.loads(config_path.read_text())
+    info = load_dataset(config.dataset or plan["dataset"], flag="--dataset")
+    if list(info.classes) != list(plan["classes"]):
+        raise FinetuneError(
+            f"--dataset {info.root} has classes {list(info.classes)}, but {train_dir} was trained on "
+            f"{plan['classes']}; pass the dataset it was trained on"
+        )
+    return info, int(plan["image_size"]), train_dir, train_dir / f"eval-{config.split}.json"
+
+
+def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluation:
+    """Evaluates a train dir's newest checkpoint (or --checkpoint), or an exported .pb, on one split."""
+    from finetune.compat import tf
+
+    info, image_size, train_dir, report = _resolve(config)
+    if config.split not in info.split_counts or not info.split_counts[config.split]:
+        raise FinetuneError(
+            f"--split {config.split}: {info.root} has no such split (it has "
+            f"{', '.join(s for s, n in info.split_counts.items() if n)}); rebuild it with that fraction"
+        )
+    classes = list(info.classes)
+    if config.model:
+        source = str(Path(config.model).resolve())
+        build, restore = _frozen_source(Path(config.model))
+    else:
+        source = checkpoint or config.checkpoint or tf.train.latest_checkpoint(str(train_dir))
+        if not source:
+            raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
+        build, restore = _checkpoint_source(source, len(classes))
+    probabilities, labels, paths, seconds = _predict_split(
+        info, config.split, config.batch_size, image_size, build, restore
+    )
+    expected = info.split_counts[config.split]
+    if len(labels) != expected:
+        raise FinetuneError(
+            f"the {config.split} split of {info.root} yielded {len(labels)} examples but dataset.json "
+            f"counts {expected}; the dataset is damaged: rebuild it"
+        )
+    scores = score(probabilities, labels, paths, classes, mistakes=config.mistakes)
+    evaluation = Evaluation(
+        split=config.split,
+        classes=classes,
+        source=source,
+        global_step=None if config.model else _latest_step(source),
+        dataset=str(info.root),
+        dataset_fingerprint=info.fingerprint,
+        seconds=seconds,
+        images_per_second=len(labels) / seconds if seconds else 0.0,
+        **scores,
+    )
+    png = report.with_suffix(".png")
+    evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
+    evaluation.report = str(report)
+    temporary = report.with_name(report.name + ".tmp")
+    temporary.write_text(json.dumps(asdict(evaluation), indent=2) + "\n")
+    os.replace(temporary, report)
+    return evaluation
+
+
+def watch(config: EvaluateConfig, on_evaluation) -> int:
+    """Evaluates each new checkpoint of a train dir as it appears, until training ends or nothing new comes.
+
+    Writes ``eval/<split>_accuracy`` into the train dir's TensorBoard events and calls ``on_evaluation``
+    with each result. Returns how many checkpoints it evaluated.
+    """
+    from finetune.compat import tf
+
+    if config.model or not config.train_dir:
+        raise FinetuneError("--watch follows a training run: pass --train-dir, not --model")
+    train_dir = Path(config.train_dir)
+    seen: set[str] = set()
+    writer = None
+    waited_since = time.monotonic()
+    try:
+        while True:
+            latest = tf.train.latest_checkpoint(str(train_dir))
+            if latest and latest not in seen:
+                seen.add(latest)
+                try:
+                    evaluation = evaluate(config, checkpoint=latest)
+                except FinetuneError as exc:
+                    if tf.train.latest_checkpoint(str(train_dir)) != latest:
+                        continue  # removed by the trainer's rotation while we read it: take the newer one
+                    raise exc
+                if writer is None:
+                    with tf.Graph().as_default():  # the v1 writer refuses to be made in eager mode
+                        writer = tf.compat.v1.summary.FileWriter(str(train_dir), filename_suffix=".eval")
+                summary = tf.compat.v1.Summary(
+                    value=[tf.compat.v1.Summary.Value(tag=f"eval/{config.split}_accuracy",
+                                                      simple_value=evaluation.top1)]
+                )  # fmt: skip
+                writer.add_summary(summary, evaluation.global_step or 0)
+                writer.flush()
+                on_evaluation(evaluation)
+                waited_since = time.monotonic()
+                if _training_finished(train_dir, evaluation.global_step):
+                    break
+            elif time.monotonic() - waited_since > config.watch_minutes * 60:
+                log.info(f"no new checkpoint in {train_dir} for {config.watch_minutes:g} minutes; stopping")
+                break
+            else:
+                time.sleep(2.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if writer is not None:
+            writer.close()
+    return len(seen)
+
+
+def _training_finished(train_dir: Path, step: int | None) -> bool:
+    from finetune import train
+
+    plan = json.loads((train_dir / train.CONFIG_FILE).read_text())
+    return step is not None and step >= int(plan["total_steps"])

@@ -1,0 +1,220 @@
+"""Freeze a trained run into one `.pb` that plain TensorFlow can run, with its labels and a JSON sidecar.
+
+The exported graph is rebuilt for inference (batch norm on moving statistics, no dropout, no aux head, no
+training ops), loaded with the run's newest checkpoint, and its variables turned into constants. It has two
+entry points into one network:
+
+- ``input``: float32 [N, S, S, 3], images already preprocessed into [-1, 1] (slim's convention);
+- ``image_bytes``: string [N], whole JPEG, PNG, GIF or BMP files, decoded, centre-cropped and resized in the
+  graph, so any TensorFlow client can send raw files.
+
+Outputs: ``probabilities`` [N, C] and ``logits`` [N, C]; slim's usual ``InceptionV3/Predictions/Reshape_1``
+names the probabilities too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import __version__
+from finetune.config import ExportConfig
+from finetune.errors import FinetuneError
+
+INPUT = "input"
+IMAGE_BYTES = "image_bytes"
+PROBABILITIES = "probabilities"
+LOGITS = "logits"
+SLIM_OUTPUT = "InceptionV3/Predictions/Reshape_1"
+CENTRAL_FRACTION = 0.875
+
+
+@dataclass
+class ExportResult:
+    model: str
+    labels: str
+    sidecar: str
+    saved_model: str | None
+    checkpoint: str
+    global_step: int | None
+    classes: list[str]
+    image_size: int
+    size_bytes: int
+
+
+def sidecar_paths(model_path: Path) -> tuple[Path, Path]:
+    """The labels file and JSON sidecar that sit beside a .pb: model.labels.txt and model.json."""
+    return model_path.with_suffix(".labels.txt"), model_path.with_suffix(".json")
+
+
+def load_graph_def(model_path: Path, flag: str = "--model"):
+    """Reads a frozen GraphDef, with a FinetuneError that names the file when it is not one."""
+    from finetune.compat import tf
+
+    try:
+        data = Path(model_path).read_bytes()
+    except OSError as exc:
+        raise FinetuneError(f"{flag} {model_path}: cannot read ({exc.strerror}); run `finetune export` first")
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError, whose module path varies between protobuf builds
+        raise FinetuneError(f"{flag} {model_path}: not a TensorFlow GraphDef; pass the .pb `finetune export` wrote")
+    names = {node.name for node in graph_def.node}
+    if not {INPUT, PROBABILITIES} <= names:
+        raise FinetuneError(
+            f"{flag} {model_path}: a GraphDef without '{INPUT}' and '{PROBABILITIES}' nodes; "
+            "pass a .pb written by `finetune export`"
+        )
+    return graph_def
+
+
+def load_sidecar(model_path: Path, flag: str = "--model") -> dict:
+    """Reads model.json beside a .pb (class names, image size, tensor names)."""
+    _, sidecar = sidecar_paths(Path(model_path))
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(
+            f"{flag} {model_path}: its sidecar {sidecar} is missing or unreadable ({exc}); "
+            "export the model again with `finetune export`"
+        )
+
+
+def build_serving_graph(num_classes: int, image_size: int):
+    """Builds the inference network with both entry points in the current graph; returns the outputs."""
+    from finetune import model
+    from finetune.compat import tf
+    from finetune.preprocessing import decode_image, preprocess_for_eval
+
+    image_bytes = tf.compat.v1.placeholder(tf.string, [None], name=IMAGE_BYTES)
+    decoded = tf.map_fn(
+        lambda encoded: preprocess_for_eval(decode_image(encoded), image_size, central_fraction=CENTRAL_FRACTION),
+        image_bytes,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        name="preprocess",
+    )
+    # Feeding `input` cuts the decoding branch off; feeding `image_bytes` computes `input` from the files.
+    images = tf.compat.v1.placeholder_with_default(decoded, [None, image_size, image_size, 3], name=INPUT)
+    net = model.build(images, num_classes)
+    probabilities = tf.identity(net.probabilities, name=PROBABILITIES)
+    logits = tf.identity(net.logits, name=LOGITS)
+    graph = tf.compat.v1.get_default_graph()
+    if SLIM_OUTPUT not in {op.name for op in graph.get_operations()}:
+        tf.identity(net.probabilities, name=SLIM_OUTPUT)
+    return probabilities, logits
+
+
+def _write_saved_model(graph_def, directory: Path, image_size: int, num_classes: int) -> None:
+    """A SavedModel of the frozen graph, `serving_default` taking image bytes, `preprocessed` taking input."""
+    from finetune.compat import tf
+
+    if directory.exists():
+        raise FinetuneError(f"--saved-model {directory} already exists; remove it or choose another folder")
+    temporary = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        tensor = graph.get_tensor_by_name
+        outputs = {PROBABILITIES: tensor(f"{PROBABILITIES}:0"), LOGITS: tensor(f"{LOGITS}:0")}
+        signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def
+        builder = tf.compat.v1.saved_model.Builder(str(temporary))
+        builder.add_meta_graph_and_variables(
+            session,
+            [tf.compat.v1.saved_model.tag_constants.SERVING],
+            signature_def_map={
+                "serving_default": signature({IMAGE_BYTES: tensor(f"{IMAGE_BYTES}:0")}, outputs),
+                "preprocessed": signature({INPUT: tensor(f"{INPUT}:0")}, outputs),
+            },
+        )
+        builder.save()
+    os.replace(temporary, directory)
+
+
+def export(config: ExportConfig) -> ExportResult:
+    """Freezes the run's newest checkpoint (or --checkpoint) into a .pb with its labels and sidecar."""
+    from finetune import model, train
+    from finetune.compat import tf
+
+    train_dir = Path(config.train_dir)
+    config_path = train_dir / train.CONFIG_FILE
+    if not config_path.exists():
+        raise FinetuneError(f"--train-dir {train_dir}: no {train.CONFIG_FILE}; pass the folder `finetune train` wrote")
+    plan = json.loads(config_path.read_text())
+    classes, image_size = list(plan["classes"]), int(plan["image_size"])
+    checkpoint_path = config.checkpoint or tf.train.latest_checkpoint(str(train_dir))
+    if not checkpoint_path:
+        raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
+    checkpoint = model.open_checkpoint(checkpoint_path)
+    out = Path(config.out) if config.out else train_dir / "model.pb"
+    if out.suffix != ".pb":
+        raise FinetuneError(f"--out {out}: name the file with a .pb suffix, e.g. model.pb")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    with tf.Graph().as_default() as graph:
+        build_serving_graph(len(classes), image_size)
+        variables = model.model_variables()
+        model.check_restorable(variables, checkpoint, flag="--checkpoint")
+        saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
+        with tf.compat.v1.Session(graph=graph) as session:
+            saver.restore(session, checkpoint.path)
+            frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
+                session, graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT]
+            )
+    data = frozen.SerializeToString()
+    labels_path, sidecar_path = sidecar_paths(out)
+    step = int(checkpoint.path.rsplit("-", 1)[1]) if checkpoint.path.rsplit("-", 1)[-1].isdigit() else None
+    sidecar = {
+        "format": "finetune frozen InceptionV3",
+        "inputs": {
+            IMAGE_BYTES: {"dtype": "string", "shape": [None], "what": "encoded JPEG, PNG, GIF or BMP files"},
+            INPUT: {"dtype": "float32", "shape": [None, image_size, image_size, 3],
+                    "what": "images preprocessed into [-1, 1]"},
+        },  # fmt: skip
+        "outputs": {
+            PROBABILITIES: {"dtype": "float32", "shape": [None, len(classes)], "also": SLIM_OUTPUT},
+            LOGITS: {"dtype": "float32", "shape": [None, len(classes)]},
+        },
+        "image_size": image_size,
+        "preprocessing": {
+            "central_crop_fraction": CENTRAL_FRACTION,
+            "resize": "bilinear",
+            "scale": "x / 255 * 2 - 1, into [-1, 1]",
+        },
+        "classes": classes,
+        "checkpoint": str(Path(checkpoint.path).resolve()),
+        "global_step": step,
+        "dataset": plan["dataset"],
+        "dataset_fingerprint": plan["dataset_fingerprint"],
+        "pretrained_from": plan.get("checkpoint"),
+        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "finetune_version": __version__,
+    }
+    # All three are written under temporary names first and renamed together, the .pb last, so an
+    # interrupted export leaves the previous set whole.
+    files = [
+        (labels_path, "".join(f"{name}\n" for name in classes).encode()),
+        (sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode()),
+        (out, data),
+    ]
+    for path, content in files:
+        path.with_name(path.name + ".tmp").write_bytes(content)
+    for path, _ in files:
+        os.replace(path.with_name(path.name + ".tmp"), path)
+    if config.saved_model:
+        _write_saved_model(frozen, Path(config.saved_model), image_size, len(classes))
+    return ExportResult(
+        model=str(out),
+        labels=str(labels_path),
+        sidecar=str(sidecar_path),
+        saved_model=config.saved_model,
+        checkpoint=checkpoint.path,
+        global_step=step,
+        classes=classes,
+        image_size=image_size,
+        size_bytes=len(data),
+    )

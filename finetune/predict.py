@@ -1,0 +1,149 @@
+"""Label image files with an exported `.pb` and its sidecars alone (no checkpoint, no dataset, no tf-slim).
+
+Files go into the graph as raw bytes through ``image_bytes``; the graph decodes, crops and resizes them as
+evaluation does. A file that cannot be read or decoded gets its own error row and the others go on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from finetune.config import PredictConfig
+from finetune.errors import FinetuneError
+
+# What a folder scan picks up; a file named on the command line is tried whatever its name.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] | None  # (class, probability), best first; None when the file failed
+    error: str | None = None
+
+
+def find_images(paths: tuple[str, ...]) -> Iterator[tuple[Path, str | None]]:
+    """Files named directly, and image files anywhere below named folders (sorted, hidden ones skipped)."""
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for root, folders, files in os.walk(path):
+                folders[:] = sorted(f for f in folders if not f.startswith("."))
+                for file in sorted(files):
+                    if not file.startswith(".") and file.lower().endswith(IMAGE_SUFFIXES):
+                        yield Path(root) / file, None
+        elif path.exists():
+            yield path, None
+        else:
+            yield path, "no such file or folder"
+
+
+def _upright_bytes(data: bytes) -> bytes:
+    """The file's bytes, or for a JPEG with an EXIF rotation, the picture turned upright and re-encoded.
+
+    build-dataset stores rotated photos upright; applying the same turn here keeps predictions consistent.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return data
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.getexif().get(0x0112, 1) in (1, None):
+                return data
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+    except Exception:  # an unreadable JPEG: let TensorFlow's decoder report it
+        return data
+    buffer = io.BytesIO()
+    upright.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _reason(message: str) -> str:
+    """The informative line of a TensorFlow op error ("Unknown image file format. ..."), without node tags."""
+    for line in (part.strip() for part in message.splitlines()):
+        if line and not line.startswith("[[") and line != "Graph execution error:":
+            return line
+    return "not an image TensorFlow can decode"
+
+
+class Predictor:
+    """A loaded .pb with its class names; ``run`` maps encoded files to probabilities."""
+
+    def __init__(self, model_path: Path):
+        from finetune.compat import tf
+        from finetune.export import IMAGE_BYTES, PROBABILITIES, load_graph_def, load_sidecar
+
+        self.sidecar = load_sidecar(model_path)
+        self.classes = list(self.sidecar["classes"])
+        graph_def = load_graph_def(model_path)
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            tf.compat.v1.import_graph_def(graph_def, name="")
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        self.image_bytes = self.graph.get_tensor_by_name(f"{IMAGE_BYTES}:0")
+        self.probabilities = self.graph.get_tensor_by_name(f"{PROBABILITIES}:0")
+        self._errors = tf.errors.OpError
+
+    def run(self, encoded: list[bytes]) -> np.ndarray:
+        return self.session.run(self.probabilities, {self.image_bytes: np.array(encoded, dtype=object)})
+
+    def run_each(self, encoded: list[bytes]) -> list[np.ndarray | str]:
+        """Runs the batch; when one file breaks it, runs them one by one to tell which."""
+        try:
+            return list(self.run(encoded))
+        except self._errors:
+            results: list[np.ndarray | str] = []
+            for data in encoded:
+                try:
+                    results.append(self.run([data])[0])
+                except self._errors as exc:
+                    results.append(f"cannot decode: {_reason(exc.message)}")
+            return results
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def predict(config: PredictConfig) -> Iterator[Prediction]:
+    """Yields one Prediction per file, in the order found, batch by batch."""
+    model_path = Path(config.model)
+    if not model_path.exists():
+        raise FinetuneError(f"--model {model_path}: no such file; run `finetune export` first")
+    predictor = Predictor(model_path)
+    top_k = min(config.top_k, len(predictor.classes))
+    try:
+        pending: list[tuple[Path, bytes]] = []
+
+        def flush() -> Iterator[Prediction]:
+            if not pending:
+                return
+            outcomes = predictor.run_each([data for _, data in pending])
+            for (path, _), outcome in zip(pending, outcomes):
+                if isinstance(outcome, str):
+                    yield Prediction(str(path), None, outcome)
+                else:
+                    best = np.argsort(-outcome)[:top_k]
+                    yield Prediction(str(path), [(predictor.classes[i], float(outcome[i])) for i in best])
+            pending.clear()
+
+        for path, problem in find_images(config.paths):
+            if problem is None:
+                try:
+                    pending.append((path, _upright_bytes(path.read_bytes())))
+                except OSError as exc:
+                    problem = f"cannot read ({exc.strerror})"
+            if problem is not None:
+                yield from flush()
+                yield Prediction(str(path), None, problem)
+            elif len(pending) >= config.batch_size:
+                yield from flush()
+        yield from flush()
+    finally:
+        predictor.close()
