@@ -209,6 +209,14 @@ class TrainConfig:
     class_weights: str = option(
         "none", help="'auto' weighs each class by its inverse frequency", choices=("none", "auto")
     )
+    feature_cache: str = option(
+        "auto", help="train the head on cached features: auto uses them when only the head trains on "
+        "unaugmented (or --augment-views) images", choices=("auto", "on", "off"),
+    )  # fmt: skip
+    augment_views: int = option(
+        0, help="with the feature cache, cache this many augmented views of each training image (turns --augment on)"
+    )
+    cache_dir: str | None = option(None, help="feature cache folder (default: $XDG_CACHE_HOME/finetune/features)")
     image_size: int = option(299, help="square input size in pixels, 75 to 330")
     seed: int = option(0, help="seed for shuffling, augmentation and new weights")
     device: str = option(
@@ -238,6 +246,9 @@ class TrainConfig:
             (self.save_every is None or self.save_every >= 1, "--save-every must be at least 1"),
             (self.eval_every is None or self.eval_every >= 0, "--eval-every must be zero or more"),
             (self.save_minutes > 0, "--save-minutes must be positive"),
+            (self.augment_views >= 0, "--augment-views must be zero or more"),
+            (not (self.augment_views and self.augment is False),
+             "--augment-views caches augmented views; drop --no-augment or the views"),
         ]
         for ok, message in checks:
             if not ok:

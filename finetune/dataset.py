@@ -796,6 +796,56 @@ def _shuffle_buffer(info: DatasetInfo, split: str) -> int:
     return max(1, min(count, SHUFFLE_BUFFER_BYTES // average))
 
 
+def record_stream(
+    info: DatasetInfo,
+    split: str,
+    *,
+    shuffle: bool,
+    repeat: bool = False,
+    seed: int | None = None,
+    skip: int = 0,
+) -> "tf.data.Dataset":
+    """The split's serialized records paired with a stateless seed each, in the order training meets them.
+
+    This is read_dataset before decoding. It is separate so that a path that never decodes (the feature
+    cache, which maps each record to its cached features) meets the records in exactly the same order, with
+    the same seeds, as the path that decodes them.
+
+    Args:
+        info: from :func:`load_dataset`.
+        split: "train", "validation" or "test".
+        shuffle: shuffle shard order and records (seeded); without it, file order, each record once a pass.
+        repeat: repeat forever, reshuffled each pass.
+        seed: makes the order and the seeds reproducible; None draws a fresh seed.
+        skip: records to pass over (with their seeds) before the stream starts: a resumed run continues
+            where an uninterrupted one would be, at the cost of reading records only.
+    """
+    from finetune.compat import tf
+
+    files = [str(path) for path in info.files(split)]
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    if shuffle:
+        names = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+        records = names.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(files), 16),
+            num_parallel_calls=min(len(files), 16),
+            deterministic=True,
+        )
+        records = records.shuffle(_shuffle_buffer(info, split), seed=seed, reshuffle_each_iteration=True)
+    else:
+        records = tf.data.TFRecordDataset(files)  # one shard after the other: file order
+    if repeat:
+        records = records.repeat()
+    # A stateless seed pair per record position, so augmentation is reproducible under a seed however many
+    # calls run in parallel. Each pass reshuffles, so an image meets new pairs; with repeat=True the stream
+    # runs on across passes. (rerandomize_each_iteration=True would break tf.compat.v1 one-shot iterators.)
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    # skip() is applied even for 0, so a resumed graph has the same ops (and op seeds) as a fresh one.
+    return tf.data.Dataset.zip(records, seeds).skip(skip)
+
+
 def read_dataset(
     info: DatasetInfo,
     split: str,
@@ -843,29 +893,10 @@ def read_dataset(
 
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
-    files = [str(path) for path in info.files(split)]
     shuffle = training if shuffle is None else shuffle
     augment = training and augment
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**31)
     parallel = num_parallel_calls or tf.data.AUTOTUNE
-    if shuffle:
-        names = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
-        records = names.interleave(
-            tf.data.TFRecordDataset,
-            cycle_length=min(len(files), 16),
-            num_parallel_calls=min(len(files), 16),
-            deterministic=True,
-        )
-        records = records.shuffle(_shuffle_buffer(info, split), seed=seed, reshuffle_each_iteration=True)
-    else:
-        records = tf.data.TFRecordDataset(files)  # one shard after the other: file order
-    if repeat:
-        records = records.repeat()
-    # A stateless seed pair per record position, so augmentation is reproducible under a seed however many
-    # calls run in parallel. Each pass reshuffles, so an image meets new pairs; with repeat=True the stream
-    # runs on across passes. (rerandomize_each_iteration=True would break tf.compat.v1 one-shot iterators.)
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    stream = record_stream(info, split, shuffle=shuffle, repeat=repeat, seed=seed, skip=skip)
     features = record_features()
 
     def prepare(record: tf.Tensor, pair: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -877,7 +908,5 @@ def read_dataset(
             image = preprocessing.preprocess_for_eval(image, image_size)
         return {"image": image, "label": parsed["image/class/label"], "path": parsed["image/filename"]}
 
-    # skip() is applied even for 0, so a resumed graph has the same ops (and op seeds) as a fresh one.
-    examples = tf.data.Dataset.zip(records, seeds).skip(skip)
-    examples = examples.map(prepare, num_parallel_calls=parallel, deterministic=True)
+    examples = stream.map(prepare, num_parallel_calls=parallel, deterministic=True)
     return examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

@@ -9,6 +9,7 @@ stops cleanly on Ctrl-C or a non-finite loss.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -19,12 +20,15 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 
 from finetune import __version__, model
 from finetune.config import DEFAULT_LEARNING_RATES, TrainConfig
 from finetune.errors import FinetuneError
+from finetune.features import default_cache_dir
 
 log = logging.getLogger("finetune")
 
@@ -33,7 +37,9 @@ CHECKPOINT_NAME = "model.ckpt"
 AUX_LOSS_WEIGHT = 0.4  # the aux head's share of the loss while it trains (the Inception-v3 paper's choice)
 DEFAULT_EPOCHS = 10.0
 # Settings a resumed run must share with the run it continues: they shape the variables or the data.
-_RESUME_MUST_MATCH = ("dataset_fingerprint", "classes", "trainable_scopes", "image_size", "optimizer")
+_RESUME_MUST_MATCH = (
+    "dataset_fingerprint", "classes", "trainable_scopes", "image_size", "optimizer", "feature_cache",
+)  # fmt: skip
 # The fresh head's classifier layers start at zero, so the first predictions are uniform and the first
 # gradients reach only these layers (Big Transfer's choice); the aux head's inner layers keep slim's init.
 _ZERO_INIT_LAYERS = (f"{model.LOGITS_SCOPE}/Conv2d_1c_1x1", f"{model.AUX_SCOPE}/Conv2d_2b_1x1")
@@ -67,6 +73,10 @@ class Plan:
     class_weights: tuple[float, ...] | None
     seed: int
     devices: tuple[str, ...]
+    feature_cache: bool  # train the head on cached features (see finetune/features.py)
+    feature_cache_reason: str  # why the cache is or is not used, for the summary
+    augment_views: int
+    cache_dir: str
     save_every: int
     save_minutes: float
     keep_checkpoints: int
@@ -93,10 +103,34 @@ class TrainResult:
     peak_memory_mb: float
     devices: tuple[str, ...]
     pretrained: bool
+    feature_cache: dict | None = None  # on the cached path: entries computed and reused, extraction speed
     warnings: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ planning
+
+
+def _feature_cache_decision(
+    config: TrainConfig, trainable: tuple[str, ...], exclude: tuple[str, ...], pretrained: bool, augment: bool
+) -> tuple[bool, str]:
+    """Whether the head trains on cached features, and why (the start-up summary prints the reason)."""
+    if config.feature_cache == "off":
+        return False, "off (--feature-cache off)"
+    problem = None
+    if not (model.LOGITS_SCOPE in trainable and set(trainable) <= set(model.HEAD_SCOPES)):
+        problem = "the trainable layers reach below the head, so the features change as it trains"
+    elif not pretrained:
+        problem = "--checkpoint none leaves the backbone random; there is nothing stable to cache"
+    elif not all(model.in_scopes(scope, model.HEAD_SCOPES) for scope in exclude):
+        problem = "--exclude leaves backbone layers freshly initialised"
+    elif augment and not config.augment_views:
+        problem = "augmentation is on; --augment-views K caches K augmented views of each image"
+    if problem is None:
+        views = f", {config.augment_views} augmented views per image" if config.augment_views else ""
+        return True, f"on (only the head trains{views}; the aux head is left out on this path)"
+    if config.feature_cache == "on":
+        raise FinetuneError(f"--feature-cache on: {problem}; use --trainable logits without augmentation")
+    return False, f"off ({problem})"
 
 
 def resolve_devices(spec: str) -> tuple[str, ...]:
@@ -179,6 +213,11 @@ def plan_training(config: TrainConfig) -> Plan:
     depth = _depth_preset(trainable)
     validation_count = info.split_counts.get("validation", 0)
     eval_every = config.eval_every if config.eval_every is not None else steps_per_epoch
+    augment = config.augment if config.augment is not None else (depth != "logits" or config.augment_views > 0)
+    use_cache, cache_reason = _feature_cache_decision(config, trainable, tuple(exclude), checkpoint_path is not None, augment)
+    # A cached step takes microseconds: saving every epoch would cost more than training, so the cached
+    # path saves by time and at the end unless --save-every says otherwise.
+    save_every = config.save_every or (total_steps if use_cache else steps_per_epoch)
     return Plan(
         dataset=str(Path(config.dataset).resolve()),
         dataset_fingerprint=info.fingerprint,
@@ -200,11 +239,15 @@ def plan_training(config: TrainConfig) -> Plan:
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,
         dropout_keep=config.dropout_keep,
-        augment=config.augment if config.augment is not None else depth != "logits",
+        augment=augment,
         class_weights=_auto_class_weights(info.class_counts["train"]) if config.class_weights == "auto" else None,
         seed=config.seed,
         devices=devices,
-        save_every=config.save_every or steps_per_epoch,
+        feature_cache=use_cache,
+        feature_cache_reason=cache_reason,
+        augment_views=config.augment_views if use_cache else 0,
+        cache_dir=str(Path(config.cache_dir).resolve()) if config.cache_dir else str(default_cache_dir()),
+        save_every=save_every,
         save_minutes=config.save_minutes,
         keep_checkpoints=config.keep_checkpoints,
         eval_every=eval_every if validation_count else 0,
@@ -280,8 +323,9 @@ class _Graph:
     saver: object
     zero_head: list
     restore_variables: list
-    validation: tuple | None  # (iterator initializer, correct count, example count) or None
+    validate: Callable | None  # session -> validation accuracy, or None without a validation split
     random_ops: list  # stateful random ops the train step runs (dropout), with a feed of their shapes
+    initialize: Callable = lambda session: None  # after variables are set: tables, cached features
 
 
 def _stateful_random_ops(operations) -> list:
@@ -409,7 +453,7 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
         accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, all_labels), tf.float32))
         loss = tf.add_n(tower_losses) / float(towers)
 
-        validation = None
+        validate = None
         if plan.eval_every:
             with tf.device("/cpu:0"):
                 val_iterator = tf.compat.v1.data.make_initializable_iterator(
@@ -423,6 +467,7 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
                     tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64)
                 )
             validation = (val_iterator.initializer, correct, tf.size(val_batch["label"]))
+            validate = functools.partial(_validate, validation=validation)
 
         zero_head = [
             v.assign(tf.zeros_like(v))
@@ -433,8 +478,136 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
         restore_variables = model.variables_to_restore(plan.exclude_scopes) if plan.checkpoint else []
     return _Graph(
         graph, train_op, loss, accuracy, learning_rate, global_step, saver, zero_head, restore_variables,
-        validation, random_ops,
+        validate, random_ops,
     )
+
+
+@dataclass
+class _FeatureTables:
+    """Cached features laid out for training: the train split in file order, views along axis 1."""
+
+    train: np.ndarray  # [examples, views, 2048]
+    train_paths: list[str]  # each row's relative path, which the record stream maps back to the row
+    validation: np.ndarray | None  # [examples, 2048]
+    validation_labels: np.ndarray | None
+    report: dict
+
+
+def _cached_features(plan: Plan) -> _FeatureTables:
+    """Fills the feature cache for this run (computing only what is missing) and reads its tables."""
+    from finetune import features
+    from finetune.dataset import load_dataset
+
+    info = load_dataset(plan.dataset)
+    checkpoint = model.open_checkpoint(plan.checkpoint)
+    cache = features.FeatureCache(Path(plan.cache_dir), features.backbone_digest(checkpoint.path), plan.image_size)
+    views = list(range(plan.augment_views)) or [None]
+    splits = ["train"] + (["validation"] if plan.eval_every else [])
+    examples = {split: features.scan_split(info, split) for split in splits}
+    jobs = [("train", view) for view in views] + [(split, None) for split in splits[1:]]
+    report = features.extract(cache, info, checkpoint, plan.image_size, examples, jobs, plan.seed,
+                              plan.devices[0], _session_config(plan))  # fmt: skip
+    log.info(
+        f"feature cache: {report.computed} computed, {report.reused} reused ({report.directory}"
+        + (f"; {report.images_per_second:.1f} images/s)" if report.computed else ")")
+    )
+
+    def table(split: str, view: int | None) -> np.ndarray:
+        return cache.get([features.entry_key(e.image_sha256, view, plan.seed) for e in examples[split]])
+
+    validation = examples.get("validation")
+    return _FeatureTables(
+        train=np.stack([table("train", view) for view in views], axis=1),
+        train_paths=[e.path for e in examples["train"]],
+        validation=table("validation", None) if validation else None,
+        validation_labels=np.array([e.label for e in validation], np.int64) if validation else None,
+        report=asdict(report),
+    )
+
+
+def _build_cached_graph(plan: Plan, start_step: int, tables: _FeatureTables) -> _Graph:
+    """The head alone, trained on cached features, beside every network variable so checkpoints are whole.
+
+    The batches come from the same record stream as the full path's (same order, same seeds, same skip on
+    resume); each record is mapped to its row of cached features instead of being decoded.
+    """
+    from finetune.compat import tf
+    from finetune.dataset import load_dataset, record_stream
+
+    info = load_dataset(plan.dataset)
+    classes = len(plan.classes)
+    views = tables.train.shape[1]
+    local = [tf.compat.v1.GraphKeys.LOCAL_VARIABLES]  # not saved: the cache holds them
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(plan.seed)
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        with tf.device("/cpu:0"):
+            rows_by_path = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(tables.train_paths), tf.range(len(tables.train_paths), dtype=tf.int64)
+                ),
+                default_value=-1,
+            )
+            keys = {"image/filename": tf.io.FixedLenFeature((), tf.string),
+                    "image/class/label": tf.io.FixedLenFeature((), tf.int64)}  # fmt: skip
+
+            def locate(record, pair):
+                parsed = tf.io.parse_single_example(record, keys)
+                return rows_by_path.lookup(parsed["image/filename"]), parsed["image/class/label"], pair
+
+            stream = record_stream(info, "train", shuffle=True, repeat=True, seed=plan.seed,
+                                   skip=start_step * plan.batch_size)  # fmt: skip
+            iterator = tf.compat.v1.data.make_initializable_iterator(
+                stream.map(locate).batch(plan.batch_size, drop_remainder=True).prefetch(8)
+            )
+            rows, labels, pairs = iterator.get_next()
+            train_values = tf.compat.v1.placeholder(tf.float32, tables.train.shape)
+            train_table = tf.compat.v1.Variable(train_values, trainable=False, collections=local)
+            # Each time an image is drawn, one of its cached views, chosen by the stream's seed for it.
+            features = tf.gather(tf.gather(train_table, rows), tf.math.floormod(pairs[:, 0], views), batch_dims=1)
+        with tf.device(plan.devices[0]):
+            model.build(tf.compat.v1.placeholder(tf.float32, [1, plan.image_size, plan.image_size, 3]), classes)
+            first_head_op = len(graph.get_operations())
+            by_name = {v.op.name: v for v in model.model_variables()}
+            weights = by_name[f"{model.LOGITS_SCOPE}/Conv2d_1c_1x1/weights"]
+            biases = by_name[f"{model.LOGITS_SCOPE}/Conv2d_1c_1x1/biases"]
+            kernel = tf.reshape(weights, [model.FEATURE_SIZE, classes])  # slim's 1x1 conv, as a matmul
+
+            def head(values, training: bool):
+                if training and plan.dropout_keep < 1:
+                    values = tf.nn.dropout(values, rate=1 - plan.dropout_keep)
+                return tf.matmul(values, kernel) + biases
+
+            logits = head(features, training=True)
+            loss = _tower_loss(SimpleNamespace(logits=logits, aux_logits=None), labels, plan, [weights])
+            learning_rate = _learning_rate(plan, global_step)
+            train_op = _optimizer(plan.optimizer, learning_rate).minimize(
+                loss, global_step=global_step, var_list=[weights, biases]
+            )
+            random_ops = _stateful_random_ops(graph.get_operations()[first_head_op:])
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
+        validate, feeds = None, {train_table.initializer: {train_values: tables.train}}
+        if tables.validation is not None:
+            validation_values = tf.compat.v1.placeholder(tf.float32, tables.validation.shape)
+            validation_table = tf.compat.v1.Variable(validation_values, trainable=False, collections=local)
+            hits = tf.equal(tf.argmax(head(validation_table, training=False), 1), tables.validation_labels)
+            validation_accuracy = tf.reduce_mean(tf.cast(hits, tf.float64))
+            feeds[validation_table.initializer] = {validation_values: tables.validation}
+            validate = lambda session: float(session.run(validation_accuracy))  # noqa: E731
+        tables_initializer = tf.compat.v1.tables_initializer()
+
+        def initialize(session) -> None:
+            session.run(tables_initializer)
+            for initializer, feed in feeds.items():
+                session.run(initializer, feed)
+            session.run(iterator.initializer)
+
+        zero_head = [weights.assign(tf.zeros_like(weights)), biases.assign(tf.zeros_like(biases))]
+        saver = tf.compat.v1.train.Saver(max_to_keep=plan.keep_checkpoints, save_relative_paths=True)
+        restore_variables = model.variables_to_restore(plan.exclude_scopes)
+    return _Graph(graph, train_op, loss, accuracy, learning_rate, global_step, saver, zero_head,
+                  restore_variables, validate, random_ops, initialize)  # fmt: skip
 
 
 def _session_config(plan: Plan):
@@ -446,7 +619,7 @@ def _session_config(plan: Plan):
     return config
 
 
-def _validate(session, validation) -> float:
+def _validate(session, validation: tuple) -> float:
     from finetune.compat import tf
 
     initializer, correct_op, count_op = validation
@@ -509,6 +682,7 @@ def _log_summary(plan: Plan, trainable_parameters: int, resume_from: str | None,
         f"{plan.optimizer} at learning rate {plan.learning_rate:g}"
     )
     log.info(f"devices: {', '.join(plan.devices)}")
+    log.info(f"feature cache: {plan.feature_cache_reason}")
     for warning in warnings:
         log.warning(warning)
 
@@ -551,7 +725,8 @@ def train(config: TrainConfig) -> TrainResult:
             return _result(plan, train_dir, resume_from, "already complete", start_step, start_step,
                            [], [], None, None, started, warnings)  # fmt: skip
 
-    built = _build_graph(plan, start_step)
+    tables = _cached_features(plan) if plan.feature_cache else None
+    built = _build_cached_graph(plan, start_step, tables) if tables else _build_graph(plan, start_step)
     with built.graph.as_default():
         trainable_parameters = model.parameter_count(model.trainable_variables(plan.trainable_scopes))
         if plan.checkpoint and not resume_from:
@@ -575,6 +750,7 @@ def train(config: TrainConfig) -> TrainResult:
             if plan.checkpoint:
                 model.restore(session, built.restore_variables, checkpoint)
             session.run(built.zero_head)
+        built.initialize(session)
         writer = tf.compat.v1.summary.FileWriter(str(train_dir), graph=None if resume_from else built.graph)
         step = start_step
         last_save_step, last_save_time = step, time.monotonic()
@@ -614,7 +790,7 @@ def train(config: TrainConfig) -> TrainResult:
                 if step % 10 == 0 or step == plan.total_steps:
                     _scalar_summary(writer, step, {"loss": loss, "accuracy": accuracy, "learning_rate": rate})
                 if plan.eval_every and (step % plan.eval_every == 0 or step == plan.total_steps):
-                    validation_accuracy = _validate(session, built.validation)
+                    validation_accuracy = built.validate(session)
                     _scalar_summary(writer, step, {"validation_accuracy": validation_accuracy})
                     log.info(f"step {step}: validation accuracy {validation_accuracy:.4f}")
                 minutes = (time.monotonic() - last_save_time) / 60
@@ -623,8 +799,10 @@ def train(config: TrainConfig) -> TrainResult:
         if step != last_save_step or last_checkpoint is None:
             last_checkpoint = save()
         writer.close()
-    return _result(plan, train_dir, last_checkpoint, status, start_step, step, losses, accuracies,
-                   validation_accuracy, progress.rate if losses else None, started, warnings)  # fmt: skip
+    result = _result(plan, train_dir, last_checkpoint, status, start_step, step, losses, accuracies,
+                     validation_accuracy, progress.rate if losses else None, started, warnings)  # fmt: skip
+    result.feature_cache = tables.report if tables else None
+    return result
 
 
 def _result(plan, train_dir, checkpoint, status, start_step, step, losses, accuracies, validation_accuracy,

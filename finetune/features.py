@@ -1,0 +1,221 @@
+"""A cache of the features that feed the head, so head-only training pays for one forward pass, not one per epoch.
+
+What determines a feature (the 2048 values after the final average pool) is the backbone's weights, the
+image's bytes, the image size and the preprocessing. The cache is keyed by exactly that:
+
+- a *group* per (digest of the backbone variables' values, image size, preprocessing version): a checkpoint
+  whose backbone is unchanged (the same pretrained file under another path, or a train dir in which only the
+  head was trained) shares the group, and one whose backbone changed gets a fresh one;
+- an *entry* per (sha256 of the image bytes, view): ``eval`` for the evaluation transform, or augmented view
+  k under a seed for ``--augment-views``.
+
+A group is a folder of parts; each part (an ``.npz`` with keys and features) is written to a temporary name
+and renamed, so a part interrupted half-way is never read. Changing one image recomputes one entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from finetune import model
+
+log = logging.getLogger("finetune")
+
+# Bump when the evaluation or augmentation transform changes what a cached feature means.
+PREPROCESSING_VERSION = 1
+EXTRACTION_BATCH = 64  # large batches: the forward pass runs at full throughput
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/finetune/features, or ~/.cache/finetune/features."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "finetune" / "features"
+
+
+def backbone_digest(checkpoint_path: str) -> str:
+    """sha256 over the names, shapes and values of every network variable outside the head."""
+    from finetune.compat import tf
+
+    reader = tf.compat.v1.train.NewCheckpointReader(checkpoint_path)
+    digest = hashlib.sha256()
+    for name in sorted(reader.get_variable_to_shape_map()):
+        if not name.startswith(model.ROOT + "/") or model.in_scopes(name, model.HEAD_SCOPES):
+            continue
+        value = np.ascontiguousarray(reader.get_tensor(name))
+        digest.update(f"{name}:{value.dtype}:{value.shape}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def entry_key(image_sha256: bytes, view: int | None, seed: int) -> bytes:
+    """The key of one feature vector: the image's bytes and which view of it."""
+    tag = b"eval" if view is None else f"view:{seed}:{view}".encode()
+    return hashlib.sha256(image_sha256 + tag).digest()
+
+
+def view_seed(image_sha256: bytes, view: int, seed: int) -> tuple[int, int]:
+    """The stateless seed pair of augmented view k of an image: fixed by the image, k and the run's seed."""
+    digest = hashlib.sha256(f"{seed}:{view}:".encode() + image_sha256).digest()
+    return int.from_bytes(digest[:8], "little") >> 1, int.from_bytes(digest[8:16], "little") >> 1
+
+
+class FeatureCache:
+    """The cached features of one group (backbone, image size, preprocessing version)."""
+
+    def __init__(self, root: Path, backbone: str, image_size: int):
+        description = {"backbone_sha256": backbone, "image_size": image_size,
+                       "preprocessing_version": PREPROCESSING_VERSION}  # fmt: skip
+        name = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+        self.directory = Path(root) / name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        about = self.directory / "group.json"
+        if not about.exists():
+            temporary = about.with_name(f".group.{uuid.uuid4().hex}.tmp")
+            temporary.write_text(json.dumps(description, indent=2) + "\n")
+            os.replace(temporary, about)
+        self._rows: dict[bytes, np.ndarray] = {}
+        for part in sorted(self.directory.glob("part-*.npz")):
+            with np.load(part) as data:
+                keys, values = data["keys"], data["features"]
+            for key, row in zip(keys, values):
+                self._rows[key.tobytes()] = row
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, keys: list[bytes]) -> np.ndarray:
+        return np.stack([self._rows[key] for key in keys]) if keys else np.zeros((0, model.FEATURE_SIZE), np.float32)
+
+    def add(self, keys: list[bytes], features: np.ndarray) -> None:
+        """Stores a part: written under a temporary name, renamed when complete."""
+        if not keys:
+            return
+        name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
+        temporary = self.directory / f".{name}.tmp"
+        with open(temporary, "wb") as handle:
+            np.savez(handle, keys=np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 32),
+                     features=features.astype(np.float32))  # fmt: skip
+        os.replace(temporary, self.directory / name)
+        for key, row in zip(keys, features):
+            self._rows[key] = row
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record of a split, in file order."""
+
+    image_sha256: bytes
+    label: int
+    path: str
+
+
+def scan_split(info, split: str) -> list[Example]:
+    """Reads a split's records in file order: each image's sha256, label and relative path."""
+    from finetune.compat import tf
+
+    examples = []
+    for shard in info.files(split):
+        for record in tf.compat.v1.io.tf_record_iterator(str(shard)):
+            feature = tf.train.Example.FromString(record).features.feature
+            examples.append(Example(
+                image_sha256=hashlib.sha256(feature["image/encoded"].bytes_list.value[0]).digest(),
+                label=int(feature["image/class/label"].int64_list.value[0]),
+                path=feature["image/filename"].bytes_list.value[0].decode(),
+            ))  # fmt: skip
+    return examples
+
+
+@dataclass
+class ExtractionReport:
+    computed: int
+    reused: int
+    seconds: float
+    images_per_second: float
+    directory: str
+
+
+def extract(
+    cache: FeatureCache,
+    info,
+    checkpoint: model.Checkpoint,
+    image_size: int,
+    examples: dict[str, list[Example]],
+    jobs: list[tuple[str, int | None]],
+    seed: int,
+    device: str,
+    session_config,
+) -> ExtractionReport:
+    """Computes the missing entries for each (split, view) job in one forward pass per job, then stores them.
+
+    ``examples`` are each split's records as scan_split read them; ``view`` None is the evaluation
+    transform, an integer k augmented view k of each image.
+    """
+    from finetune.compat import tf
+    from finetune.dataset import record_features, record_stream
+    from finetune.preprocessing import decode_image, preprocess_for_eval, random_train_transform
+    from finetune.progress import Progress
+
+    plans = []
+    for split, view in jobs:
+        keys = [entry_key(e.image_sha256, view, seed) for e in examples[split]]
+        missing = np.array([key not in cache for key in keys])
+        pairs = np.array([view_seed(e.image_sha256, view or 0, seed) for e in examples[split]], np.int64)
+        pairs = pairs.reshape(-1, 2)
+        plans.append((split, view, keys, missing, pairs))
+    todo = int(sum(plan[3].sum() for plan in plans))
+    reused = sum(len(plan[2]) for plan in plans) - todo
+    started = time.monotonic()
+    if todo:
+        with tf.Graph().as_default() as graph:
+            parse = record_features()
+            pipelines, wanted_keys = [], []
+            for split, view, keys, missing, pairs in (plan for plan in plans if plan[3].any()):
+
+                def prepare(record, pair, view=view):
+                    image = decode_image(tf.io.parse_single_example(record, parse)["image/encoded"])
+                    if view is None:
+                        return preprocess_for_eval(image, image_size)
+                    return random_train_transform(image, image_size, pair)[0]
+
+                records = record_stream(info, split, shuffle=False).map(lambda record, _: record)
+                wanted = tf.data.Dataset.from_tensor_slices((missing, pairs))
+                pipelines.append(
+                    tf.data.Dataset.zip(records, wanted)
+                    .filter(lambda record, extra: extra[0])
+                    .map(lambda record, extra, prepare=prepare: prepare(record, extra[1]),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                )  # fmt: skip
+                wanted_keys += [key for key, m in zip(keys, missing) if m]
+            # One pipeline and one network for every pass: batches may straddle passes, order is kept.
+            images = pipelines[0]
+            for more in pipelines[1:]:
+                images = images.concatenate(more)
+            batch = tf.compat.v1.data.make_one_shot_iterator(images.batch(EXTRACTION_BATCH).prefetch(2)).get_next()
+            with tf.device(device):
+                net = model.build(batch, 2)
+            restore = model.variables_to_restore(model.HEAD_SCOPES)
+            with tf.compat.v1.Session(graph=graph, config=session_config) as session:
+                model.restore(session, restore, checkpoint)
+                computed = []
+                with Progress("extract features", todo) as progress:
+                    while True:
+                        try:
+                            computed.append(session.run(net.features))
+                        except tf.errors.OutOfRangeError:
+                            break
+                        progress.advance(len(computed[-1]))
+            cache.add(wanted_keys, np.concatenate(computed))
+    seconds = time.monotonic() - started
+    return ExtractionReport(todo, reused, seconds, todo / seconds if todo and seconds else 0.0, str(cache.directory))
