@@ -170,6 +170,17 @@ def _depth_preset(scopes: tuple[str, ...]) -> str:
     return "all"
 
 
+def imbalance_warning(counts: tuple[int, ...], weighted: bool) -> str | None:
+    """A warning when the largest class has over 3x the training examples of the smallest."""
+    if not min(counts) or max(counts) <= 3 * min(counts):
+        return None
+    advice = "" if weighted else "; consider --class-weights auto"
+    return (
+        f"classes are imbalanced: the largest has {max(counts)} training examples, the smallest "
+        f"{min(counts)}{advice}"
+    )
+
+
 def _auto_class_weights(counts: list[int]) -> tuple[float, ...]:
     """Inverse class frequency, scaled so that the average example weighs 1."""
     total, present = sum(counts), sum(1 for c in counts if c)
@@ -709,13 +720,9 @@ def train(config: TrainConfig) -> TrainResult:
         log.info("no GPU found; training on the CPU")
     if plan.checkpoint is None and not resume_from:
         warnings.append("--checkpoint none: starting from random weights; results are not pretrained")
-    train_counts = plan.train_class_counts
-    if min(train_counts) and max(train_counts) > 3 * min(train_counts):
-        advice = "" if plan.class_weights else "; consider --class-weights auto"
-        warnings.append(
-            f"classes are imbalanced: the largest has {max(train_counts)} training examples, the smallest "
-            f"{min(train_counts)}{advice}"
-        )
+    imbalance = imbalance_warning(plan.train_class_counts, weighted=plan.class_weights is not None)
+    if imbalance:
+        warnings.append(imbalance)
     start_step = 0
     if resume_from:
         reader = tf.compat.v1.train.NewCheckpointReader(resume_from)

@@ -17,7 +17,7 @@ from finetune import model
 from finetune.compat import tf
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
-from finetune.train import train
+from finetune.train import _auto_class_weights, imbalance_warning, train
 from tests.conftest import run_cli
 
 SIZE = "107"  # smallest size with slim's aux head, so the whole head trains
@@ -157,6 +157,9 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dat
 def test_missing_inputs_are_reported_before_tensorflow_works(dataset, standin_checkpoint, tmp_path, capsys):
     from finetune import cli
 
+    junk = tmp_path / "notes.ckpt"
+    junk.write_text("not a checkpoint")
+
     cases = [
         (["--dataset", str(tmp_path / "nope")], "--dataset"),
         (["--checkpoint", str(tmp_path / "missing.ckpt")], "run `finetune download`"),
@@ -164,6 +167,7 @@ def test_missing_inputs_are_reported_before_tensorflow_works(dataset, standin_ch
         (["--image-size", "60"], "--image-size 60 is out of range"),
         (["--device", "cpu:3", "--batch-size", "8"], "--batch-size 8 does not split evenly over 3 devices"),
         (["--learning-rate", "-1"], "--learning-rate must be positive"),
+        (["--checkpoint", str(junk)], "not a readable TensorFlow checkpoint"),
     ]
     for extra, message in cases:
         args = ["train", "--dataset", str(dataset), "--checkpoint", str(standin_checkpoint),
@@ -221,3 +225,15 @@ def test_run_records_config_and_tensorboard_scalars(dataset, standin_checkpoint,
     assert {"loss", "accuracy", "learning_rate", "validation_accuracy"} <= tags.keys()
     assert tags["validation_accuracy"] == [5, 10]
     assert 0 <= result.validation_accuracy <= 1
+
+
+def test_class_weights_and_the_imbalance_warning():
+    weights = _auto_class_weights([40, 10, 10])
+    assert weights == pytest.approx((0.5, 2.0, 2.0))  # inverse frequency, averaging 1 over the examples
+    assert sum(w * c for w, c in zip(weights, [40, 10, 10])) == pytest.approx(60)
+    assert imbalance_warning((40, 10, 13), weighted=False) == (
+        "classes are imbalanced: the largest has 40 training examples, the smallest 10; "
+        "consider --class-weights auto"
+    )
+    assert imbalance_warning((40, 10, 13), weighted=True).endswith("the smallest 10")
+    assert imbalance_warning((30, 10, 13), weighted=False) is None
