@@ -241,8 +241,10 @@ def _run_quickstart(config: Any, args: argparse.Namespace) -> int:
         print(to_json(result))
         return 0
     label = "" if result.pretrained else " (not pretrained)"
-    print(f"quickstart finished in {_format_seconds(result.seconds)}: a model of {len(result.classes)} classes "
-          f"({', '.join(result.classes)}) trained on {result.images} generated photos at {result.image_size} px")  # fmt: skip
+    print(
+        f"quickstart finished in {_format_seconds(result.seconds)}: a model of {len(result.classes)} classes "
+        f"({', '.join(result.classes)}) trained on {result.images} generated photos at {result.image_size} px"
+    )
     if not result.pretrained:
         print(
             f"NOT PRETRAINED: {result.not_pretrained_reason}; training started from random weights "

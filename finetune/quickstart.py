@@ -123,26 +123,23 @@ class _Layout:
     """The paths quickstart writes, all under the work folder."""
 
     workdir: Path
+    checkpoints: Path
+    photos: Path
+    new_photos: Path
+    dataset: Path
+    train_dir: Path
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.workdir / "checkpoints"
-
-    @property
-    def photos(self) -> Path:
-        return self.workdir / "datasets" / "quickstart-photos"
-
-    @property
-    def new_photos(self) -> Path:
-        return self.workdir / "datasets" / "quickstart-new-photos"
-
-    @property
-    def dataset(self) -> Path:
-        return self.workdir / "datasets" / "quickstart"
-
-    @property
-    def train_dir(self) -> Path:
-        return self.workdir / "runs" / "quickstart"
+    @classmethod
+    def under(cls, workdir: Path) -> _Layout:
+        datasets = workdir / "datasets"
+        return cls(
+            workdir=workdir,
+            checkpoints=workdir / "checkpoints",
+            photos=datasets / "quickstart-photos",
+            new_photos=datasets / "quickstart-new-photos",
+            dataset=datasets / "quickstart",
+            train_dir=workdir / "runs" / "quickstart",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -271,7 +268,7 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
 
     started = time.monotonic()
     model.check_image_size(config.image_size)
-    layout = _Layout(Path(config.workdir))
+    layout = _Layout.under(Path(config.workdir))
     owned = ((layout.photos, MARKER), (layout.new_photos, MARKER), (layout.dataset, DATASET_JSON),
              (layout.train_dir, CONFIG_FILE))  # fmt: skip
     for folder, mark in owned:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from finetune import cli
 from finetune.pretrained import PRETRAINED
 from finetune.quickstart import STAGES, STANDIN_CHECKPOINT
-from tests.conftest import run_cli
+from tests.conftest import closed_port_url, run_cli
 
 CLASSES = ["discs", "rings", "squares", "stars", "triangles"]
 # Small enough to run in well under a minute: 100 photos at 75 px, 6 steps of 8.
@@ -22,11 +21,7 @@ SMALL = ["--images-per-class", "20", "--image-size", "75", "--steps", "6", "--ba
 
 
 def _closed_port_url() -> str:
-    """A URL on 127.0.0.1 where nothing listens: the download is refused at once, as when offline."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{PRETRAINED['inception_v3'].tarball}"
+    return closed_port_url(PRETRAINED["inception_v3"].tarball)
 
 
 def _section(stdout: str, title: str) -> list[str]:
