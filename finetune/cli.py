@@ -27,6 +27,7 @@ from finetune.config import (
     ExportConfig,
     PredictConfig,
     PreviewConfig,
+    QuickstartConfig,
     TrainConfig,
 )
 from finetune.errors import FinetuneError
@@ -232,8 +233,53 @@ def _run_predict(config: Any, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _run_quickstart(config: Any, args: argparse.Namespace) -> int:
+    from finetune.quickstart import OWN_FOLDER_COMMANDS, quickstart
+
+    result = quickstart(config)
+    if args.json:
+        print(to_json(result))
+        return 0
+    label = "" if result.pretrained else " (not pretrained)"
+    print(
+        f"quickstart finished in {_format_seconds(result.seconds)}: a model of {len(result.classes)} classes "
+        f"({', '.join(result.classes)}) trained on {result.images} generated photos at {result.image_size} px"
+    )
+    if not result.pretrained:
+        print(
+            f"NOT PRETRAINED: {result.not_pretrained_reason}; training started from random weights "
+            f"({result.checkpoint}), so these numbers show that every stage works, not what fine-tuning a "
+            "pretrained network reaches. Run `finetune download` online, then `finetune quickstart` again."
+        )
+    print(f"validation accuracy {result.validation_accuracy:.4f} over {result.validation_examples} photos{label}")
+    print(f"new photos: {result.correct_predictions} of {len(result.predictions)} labelled right{label}")
+    for prediction in result.predictions:
+        print(f"  {prediction.path}\t{prediction.predicted} {prediction.probability:.3f}"
+              f"\t(drawn as {prediction.expected}){label}")  # fmt: skip
+    rows = [
+        ("checkpoint", f"{result.checkpoint}{' (random weights, not pretrained)' if label else ''}"),
+        ("photos", f"{result.photos} ({result.images} images, one folder per class)"),
+        ("new photos", result.new_photos),
+        ("dataset", f"{result.dataset} (dataset.json, labels.txt, TFRecords)"),
+        ("train dir", f"{result.train_dir} (config.json, {Path(result.train_checkpoint).name}, TensorBoard events)"),
+        ("evaluation", f"{result.eval_report}, {result.confusion_png}"),
+        ("model", f"{result.model} (with {Path(result.labels).name} and {Path(result.sidecar).name})"),
+        ("predictions", result.predictions_file),
+    ]
+    print("artefacts:")
+    width = max(len(name) for name, _ in rows)
+    for name, where in rows:
+        print(f"  {name.ljust(width)}  {where}")
+    print("the same on your own photos (PHOTOS: one subfolder of images per class):")
+    for command in OWN_FOLDER_COMMANDS:
+        print(f"  {command}")
+    return 0
+
+
 # Subcommands, in the order data flows. Each issue that adds a stage adds its row.
 COMMANDS: list[Command] = [
+    Command("quickstart", "every stage on generated photos, from nothing to a working model",
+            QuickstartConfig, _run_quickstart, json_output=True),  # fmt: skip
     Command("download", "fetch and verify the pretrained checkpoint", DownloadConfig, _run_download, True),
     Command("build-dataset", "turn a folder of class subfolders into sharded TFRecords with a held-out split",
             BuildDatasetConfig, _run_build_dataset, json_output=True),  # fmt: skip

@@ -301,3 +301,37 @@ class PredictConfig:
             raise FinetuneError("--top-k must be at least 1")
         if self.batch_size < 1:
             raise FinetuneError("--batch-size must be at least 1")
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """`finetune quickstart`: every stage, from nothing to a working model, on generated photos."""
+
+    # The current folder by default, so the artefacts land where the walk-through's commands expect them:
+    # ./checkpoints, ./datasets and ./runs.
+    workdir: str = option(".", help="folder for checkpoints/, datasets/ and runs/", metavar="DIR")
+    # 5 classes x 60 = 300 photos: enough for a validation split of about 60 and a result worth reading.
+    images_per_class: int = option(60, help="generated photos per class (5 classes)", metavar="N")
+    # The size the network was pretrained at; with 300 photos and 3 epochs it fits in 5 minutes on 2 cores.
+    image_size: int = option(299, help="network input size, 75 to 330", metavar="PIXELS")
+    # Three passes train a new head on pretrained features well; more mostly cost time.
+    epochs: float = option(3.0, help="passes over the training split")
+    steps: int | None = option(None, help="training steps; overrides --epochs", metavar="N")
+    batch_size: int = option(32, help="images per training step", metavar="N")
+    url: str | None = option(
+        None,
+        help="fetch the pretrained checkpoint from this mirror, or unpack this tarball downloaded by hand "
+        "(default: the published URLs)",
+        metavar="URL|PATH",
+    )
+
+    def __post_init__(self) -> None:
+        # 20 per class leaves each class a few images in the 20% validation split.
+        if self.images_per_class < 20:
+            _fail("--images-per-class", f"must be at least 20, got {self.images_per_class}")
+        if not self.epochs > 0:
+            _fail("--epochs", f"must be positive, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            _fail("--steps", f"must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            _fail("--batch-size", f"must be at least 1, got {self.batch_size}")

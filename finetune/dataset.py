@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 from finetune import __version__
 from finetune.config import BuildDatasetConfig
-from finetune.errors import DataError
+from finetune.errors import DataError, EmptySplitError
 from finetune.progress import Progress
 
 if TYPE_CHECKING:
@@ -370,13 +370,18 @@ def _just_above(value: float) -> float:
 def _refuse_empty_splits(
     classes: tuple[str, ...], positions: list[list[float]], config: BuildDatasetConfig
 ) -> None:
-    """Refuses a split that some class would have no image in, naming the fraction that would fix it."""
+    """Refuses a split that some class would have no image in, naming the fraction that would fix it.
+
+    Raises:
+        EmptySplitError: a DataError of its own, so that a caller that owns the images (quickstart) can
+            try another split seed.
+    """
     held_out = config.validation_fraction + config.test_fraction
     no_train = {classes[c]: max(p) for c, p in enumerate(positions) if max(p) < held_out}
     if no_train:
         limit = math.floor(min(no_train.values()) * 1000) / 1000
         flags = "--validation-fraction" + (" plus --test-fraction" if config.test_fraction else "")
-        raise DataError(
+        raise EmptySplitError(
             f"{_names(no_train)} would have no train image: all its images fall in the held-out split; add "
             f"images to it, or make {flags} at most {limit:.3f} (now {held_out:g})"
         )
@@ -386,7 +391,7 @@ def _refuse_empty_splits(
         }
         if no_validation:
             needed = _just_above(max(no_validation.values()))
-            raise DataError(
+            raise EmptySplitError(
                 f"{_names(no_validation)} would have no validation image at --validation-fraction "
                 f"{config.validation_fraction:g}; add images to it, or use --validation-fraction "
                 f"{needed:.3f} or more (or 0 for no validation split)"
@@ -397,7 +402,7 @@ def _refuse_empty_splits(
         no_test = {name: gap for name, gap in gaps.items() if gap >= config.test_fraction}
         if no_test:
             needed = _just_above(max(no_test.values()))
-            raise DataError(
+            raise EmptySplitError(
                 f"{_names(no_test)} would have no test image at --test-fraction {config.test_fraction:g}; "
                 f"add images to it, or use --test-fraction {needed:.3f} or more"
             )

@@ -23,5 +23,9 @@ class DataError(FinetuneError):
     """An image folder or dataset that cannot be used as it is."""
 
 
+class EmptySplitError(DataError):
+    """Some class would have no image in a split at the requested fractions (another seed may give it one)."""
+
+
 class DownloadError(FinetuneError):
     """A download that failed, or whose file did not verify."""

@@ -41,6 +41,16 @@ def checkpoint_values(standin_checkpoint) -> dict:
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
+def closed_port_url(path: str) -> str:
+    """A URL on 127.0.0.1 where nothing listens: connecting is refused at once, as when offline."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{path}"
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs `python -m finetune ARGS` in a fresh process, as a user would, and captures its output."""
     return subprocess.run(

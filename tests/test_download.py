@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import shutil
-import socket
 import tarfile
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from finetune.config import DownloadConfig
 from finetune.download import download
 from finetune.errors import DownloadError
 from finetune.pretrained import PRETRAINED
-from tests.conftest import run_cli
+from tests.conftest import closed_port_url, run_cli
 from tests.http_server import LocalServer, Route
 
 MODEL = PRETRAINED["inception_v3"]
@@ -78,11 +77,7 @@ def dest(tmp_path):
 
 
 def _closed_port_url() -> str:
-    """A URL on 127.0.0.1 where nothing listens: connecting is refused, as when offline."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{TARBALL}"
+    return closed_port_url(TARBALL)
 
 
 def _finetune(capsys, dest: Path, url: str | None, *flags: str) -> tuple[int, str, str]:
