@@ -33,6 +33,20 @@ def standin_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def standin_tarball(standin_checkpoint, tmp_path_factory) -> Path:
+    """The stand-in of inception_v3_2016_08_28.tar.gz: a gzip tar holding one member, inception_v3.ckpt."""
+    import tarfile
+
+    from finetune.pretrained import PRETRAINED
+
+    model = PRETRAINED["inception_v3"]
+    path = tmp_path_factory.mktemp("published") / model.tarball
+    with tarfile.open(path, "w:gz") as archive:
+        archive.add(standin_checkpoint, arcname=model.member)
+    return path
+
+
+@pytest.fixture(scope="session")
 def checkpoint_values(standin_checkpoint) -> dict:
     """Every tensor of the stand-in checkpoint, by name, as numpy arrays."""
     from finetune.compat import tf

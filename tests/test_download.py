@@ -44,12 +44,8 @@ def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
 
 
 @pytest.fixture(scope="module")
-def tarball(standin_checkpoint, tmp_path_factory) -> Path:
-    """The stand-in of inception_v3_2016_08_28.tar.gz: a gzip tar holding one member, inception_v3.ckpt."""
-    path = tmp_path_factory.mktemp("published") / TARBALL
-    with tarfile.open(path, "w:gz") as archive:
-        archive.add(standin_checkpoint, arcname=MODEL.member)
-    return path
+def tarball(standin_tarball) -> Path:
+    return standin_tarball
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,34 @@ def test_offline_quickstart_writes_every_artefact_it_names(offline_run):
         assert prediction["probability"] == pytest.approx(probability, abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def pretrained_runs(standin_tarball, tmp_path_factory):
+    """Two runs in one work folder: the first installs a (stand-in) pretrained tarball named with --url, the
+    second finds it verified and is pointed at a closed port, as on an offline machine."""
+    workdir = tmp_path_factory.mktemp("pretrained-quickstart")
+    first = run_cli("quickstart", "--url", str(standin_tarball), *SMALL, "--steps", "2", cwd=workdir)
+    second = run_cli("quickstart", "--url", _closed_port_url(), *SMALL, "--steps", "2", cwd=workdir)
+    return workdir, first, second
+
+
+@pytest.mark.slow
+def test_with_the_pretrained_checkpoint_nothing_is_labelled_and_a_rerun_needs_no_network(pretrained_runs):
+    workdir, first, second = pretrained_runs
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr
+        assert "warning: " not in result.stderr
+        assert "not pretrained" not in result.stdout.lower()
+        (checkpoint,) = [line for line in _section(result.stdout, "artefacts:") if line.startswith("checkpoint ")]
+        assert checkpoint.split()[-1] == "checkpoints/inception_v3.ckpt"
+    assert (workdir / "checkpoints" / "inception_v3.manifest.json").exists()
+    assert not (workdir / "checkpoints" / STANDIN_CHECKPOINT).exists()
+    plan = json.loads((workdir / "runs" / "quickstart" / "config.json").read_text())
+    assert plan["checkpoint"] == str((workdir / "checkpoints" / "inception_v3.ckpt").resolve())
+    assert json.loads((workdir / "runs" / "quickstart" / "predictions.json").read_text())["pretrained"] is True
+    # The rerun replaced the photos rather than adding to them.
+    assert sum(1 for _ in (workdir / "datasets" / "quickstart-photos").rglob("*_*.*")) == 100
+
+
 def test_a_folder_quickstart_did_not_write_is_refused_untouched(tmp_path):
     mine = tmp_path / "datasets" / "quickstart-photos" / "holiday.jpg"
     mine.parent.mkdir(parents=True)
