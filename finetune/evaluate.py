@@ -171,13 +171,14 @@ def _predict_split(info, split: str, batch_size: int, image_size: int, build_pro
     """Runs the split once through a graph; returns probabilities, labels, paths, seconds."""
     from finetune.compat import tf
     from finetune.dataset import read_dataset
+    from finetune.runtime import session_config
 
     with tf.Graph().as_default():
         with tf.device("/cpu:0"):
             batches = read_dataset(info, split, batch_size=batch_size, image_size=image_size, training=False)
             batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
         probabilities = build_probabilities(batch["image"])
-        with tf.compat.v1.Session() as session:
+        with tf.compat.v1.Session(config=session_config()) as session:
             restore(session)
             outputs, started = [], time.monotonic()
             from finetune.progress import Progress

@@ -79,6 +79,7 @@ class Predictor:
     def __init__(self, model_path: Path):
         from finetune.compat import tf
         from finetune.export import IMAGE_BYTES, PROBABILITIES, load_graph_def, load_sidecar
+        from finetune.runtime import session_config
 
         self.sidecar = load_sidecar(model_path)
         self.classes = list(self.sidecar["classes"])
@@ -86,7 +87,7 @@ class Predictor:
         self.graph = tf.Graph()
         with self.graph.as_default():
             tf.compat.v1.import_graph_def(graph_def, name="")
-        self.session = tf.compat.v1.Session(graph=self.graph)
+        self.session = tf.compat.v1.Session(graph=self.graph, config=session_config())
         self.image_bytes = self.graph.get_tensor_by_name(f"{IMAGE_BYTES}:0")
         self.probabilities = self.graph.get_tensor_by_name(f"{PROBABILITIES}:0")
         self._errors = tf.errors.OpError

@@ -438,12 +438,9 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
 
 
 def _session_config(plan: Plan):
-    from finetune.compat import tf
+    from finetune.runtime import session_config
 
-    cpu_towers = sum(1 for d in plan.devices if d.startswith("/cpu"))
-    config = tf.compat.v1.ConfigProto(allow_soft_placement=True, device_count={"CPU": max(1, cpu_towers)})
-    config.gpu_options.allow_growth = True
-    return config
+    return session_config(cpu_devices=sum(1 for d in plan.devices if d.startswith("/cpu")))
 
 
 def _validate(session, validation) -> float:
