@@ -117,6 +117,10 @@ def predict(config: PredictConfig) -> Iterator[Prediction]:
     model_path = Path(config.model)
     if not model_path.exists():
         raise FinetuneError(f"--model {model_path}: no such file; run `finetune export` first")
+    from finetune.export import frozen_precision
+    from finetune.precision import check_frozen_precision
+
+    check_frozen_precision(frozen_precision(model_path), config.precision, str(model_path))
     predictor = Predictor(model_path)
     top_k = min(config.top_k, len(predictor.classes))
     try:

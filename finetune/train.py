@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune import __version__, model
+from finetune import __version__, model, precision
 from finetune.config import DEFAULT_LEARNING_RATES, TrainConfig
 from finetune.errors import FinetuneError
 
@@ -67,6 +67,8 @@ class Plan:
     class_weights: tuple[float, ...] | None
     seed: int
     devices: tuple[str, ...]
+    precision: str  # "fp32" or "bf16", as asked
+    compute_dtype: str  # what the network computes in: float32, bfloat16 (or float16 on older GPUs)
     save_every: int
     save_minutes: float
     keep_checkpoints: int
@@ -173,6 +175,7 @@ def plan_training(config: TrainConfig) -> Plan:
             f"--batch-size {config.batch_size} does not split evenly over {len(devices)} devices; "
             f"use a multiple of {len(devices)}"
         )
+    compute = precision.resolve(config.precision, gpu=devices[0].startswith("/gpu"))
     steps_per_epoch = math.ceil(train_count / config.batch_size)
     epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
     total_steps = config.steps if config.steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
@@ -204,6 +207,8 @@ def plan_training(config: TrainConfig) -> Plan:
         class_weights=_auto_class_weights(info.class_counts["train"]) if config.class_weights == "auto" else None,
         seed=config.seed,
         devices=devices,
+        precision=compute.precision,
+        compute_dtype=compute.dtype,
         save_every=config.save_every or steps_per_epoch,
         save_minutes=config.save_minutes,
         keep_checkpoints=config.keep_checkpoints,
@@ -376,7 +381,8 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
             images = tf.split(batch["image"], towers)
             labels = tf.split(batch["label"], towers)
         learning_rate = _learning_rate(plan, global_step)
-        optimizer = _optimizer(plan.optimizer, learning_rate)
+        compute = precision.Compute(plan.precision, plan.compute_dtype)
+        optimizer = precision.loss_scale_optimizer(_optimizer(plan.optimizer, learning_rate), compute)
         tower_gradients, tower_losses, tower_logits = [], [], []
         first_tower_op = len(graph.get_operations())
         for index, device in enumerate(plan.devices):
@@ -385,6 +391,7 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
                 net = model.build(
                     images[index], len(plan.classes), train_scopes=plan.trainable_scopes,
                     dropout_keep_prob=plan.dropout_keep, reuse=True if index else None,
+                    compute_dtype=plan.compute_dtype,
                 )  # fmt: skip
                 trainable = model.trainable_variables(plan.trainable_scopes)
                 weights = [v for v in trainable if v.op.name.endswith("/weights")]
@@ -418,7 +425,8 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
                 )  # fmt: skip
                 val_batch = val_iterator.get_next()
             with tf.device(plan.devices[0]), tf.name_scope("validation"):
-                val_net = model.build(val_batch["image"], len(plan.classes), reuse=True)
+                val_net = model.build(val_batch["image"], len(plan.classes), reuse=True,
+                                      compute_dtype=plan.compute_dtype)  # fmt: skip
                 correct = tf.reduce_sum(
                     tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64)
                 )
