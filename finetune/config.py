@@ -42,8 +42,21 @@ def option(
     }
     return field(default=default, metadata=metadata)
 
+
 def _fail(flag: str, problem: str) -> NoReturn:
     raise FinetuneError(f"{flag} {problem}")
+
+
+# fp32: float32 everywhere. bf16: the network computes in bfloat16 (float16 on GPUs without bfloat16) while
+# variables, logits, softmax and loss stay float32; see finetune/precision.py.
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(value: str | None, flag: str = "--precision") -> str | None:
+    """Returns the precision; refuses an unknown one in one line (library callers bypass argparse's choices)."""
+    if value is not None and value not in PRECISIONS:
+        _fail(flag, f"{value}: unknown; choose one of {', '.join(PRECISIONS)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -222,6 +235,9 @@ class TrainConfig:
     device: str = option(
         "auto", help="auto, cpu, gpu, gpu:N (N GPUs), or cpu:N (N CPU towers, to test the multi-device path)"
     )
+    precision: str = option(
+        "fp32", help="compute precision; bf16 keeps variables, logits and loss in float32", choices=PRECISIONS
+    )
     save_every: int | None = option(None, help="steps between checkpoints (default: one epoch)")
     save_minutes: float = option(10.0, help="also save when this many minutes passed since the last save")
     keep_checkpoints: int = option(3, help="checkpoints kept in the train dir")
@@ -253,6 +269,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise FinetuneError(message)
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True)
@@ -265,6 +282,12 @@ class EvaluateConfig:
     checkpoint: str | None = option(None, help="a specific checkpoint of the train dir (default: the newest)")
     dataset: str | None = option(None, help="dataset folder (default: the one the run or model was trained on)")
     batch_size: int = option(50, help="images per batch")
+    # None: fp32 for a checkpoint; an exported .pb runs at the precision it was exported with.
+    precision: str | None = option(
+        None,
+        help="compute precision of a checkpoint (default: fp32); a .pb runs at the one it was exported with",
+        choices=PRECISIONS,
+    )
     mistakes: int = option(10, help="how many of the most confident mistakes to list")
     watch: bool = option(False, help="evaluate each new checkpoint as training writes it")
     watch_minutes: float = option(30.0, help="with --watch, stop after this long without a new checkpoint")
@@ -274,6 +297,7 @@ class EvaluateConfig:
             raise FinetuneError("--batch-size must be at least 1")
         if self.mistakes < 0:
             raise FinetuneError("--mistakes must be zero or more")
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True)
@@ -284,6 +308,13 @@ class ExportConfig:
     out: str | None = option(None, help="the .pb to write (default: TRAIN_DIR/model.pb); sidecars go beside it")
     checkpoint: str | None = option(None, help="a specific checkpoint of the run (default: the newest)")
     saved_model: str | None = option(None, help="also write a SavedModel (serving_default) into this new folder")
+    # fp32 by default: a float32 .pb runs anywhere; a bf16 one is fast only on CPUs and GPUs with bfloat16.
+    precision: str = option(
+        "fp32", help="compute precision frozen into the .pb (recorded in its model.json)", choices=PRECISIONS
+    )
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True)
@@ -295,12 +326,17 @@ class PredictConfig:
     model: str = option(help="the .pb written by `finetune export` (model.json and model.labels.txt beside it)")
     top_k: int = option(5, help="classes listed per image")
     batch_size: int = option(32, help="images per batch")
+    # The precision is frozen into the .pb at export; this only checks that it is the expected one.
+    precision: str | None = option(
+        None, help="refuse a .pb exported at another precision (default: run it at its own)", choices=PRECISIONS
+    )
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise FinetuneError("--top-k must be at least 1")
         if self.batch_size < 1:
             raise FinetuneError("--batch-size must be at least 1")
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True)

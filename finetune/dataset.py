@@ -914,4 +914,12 @@ def read_dataset(
         return {"image": image, "label": parsed["image/class/label"], "path": parsed["image/filename"]}
 
     examples = stream.map(prepare, num_parallel_calls=parallel, deterministic=True)
-    return examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    # Threads of its own for the pipeline. In a tf.compat.v1 session it would otherwise run on the session's
+    # inter-op pool, the threads that dispatch the network's ops, and a training step could wait behind
+    # JPEG decoding for a thread while its next batch sat ready in the prefetch buffer. One thread per image
+    # (max_intra_op_parallelism): the pool decodes several images at once instead.
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = default_workers()
+    options.threading.max_intra_op_parallelism = 1
+    batches = examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return batches.with_options(options)

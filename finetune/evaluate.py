@@ -68,6 +68,7 @@ class Evaluation:
     dataset_fingerprint: str
     seconds: float
     images_per_second: float
+    precision: str = "fp32"  # the compute precision the model ran at
     report: str | None = None  # the JSON file written
     confusion_png: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -171,13 +172,14 @@ def _predict_split(info, split: str, batch_size: int, image_size: int, build_pro
     """Runs the split once through a graph; returns probabilities, labels, paths, seconds."""
     from finetune.compat import tf
     from finetune.dataset import read_dataset
+    from finetune.runtime import session_config
 
     with tf.Graph().as_default():
         with tf.device("/cpu:0"):
             batches = read_dataset(info, split, batch_size=batch_size, image_size=image_size, training=False)
             batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
         probabilities = build_probabilities(batch["image"])
-        with tf.compat.v1.Session() as session:
+        with tf.compat.v1.Session(config=session_config()) as session:
             restore(session)
             outputs, started = [], time.monotonic()
             from finetune.progress import Progress
@@ -199,7 +201,7 @@ def _predict_split(info, split: str, batch_size: int, image_size: int, build_pro
     return probabilities, labels, paths, seconds
 
 
-def _checkpoint_source(checkpoint_path: str, num_classes: int):
+def _checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str = "float32"):
     """Graph builder and restore function for a checkpoint rebuilt as the inference graph."""
     from finetune import model
     from finetune.compat import tf
@@ -207,7 +209,7 @@ def _checkpoint_source(checkpoint_path: str, num_classes: int):
     checkpoint = model.open_checkpoint(checkpoint_path)
 
     def build(images):
-        net = model.build(images, num_classes)
+        net = model.build(images, num_classes, compute_dtype=compute_dtype)
         return net.probabilities
 
     def restore(session):
@@ -276,6 +278,7 @@ def _resolve(config: EvaluateConfig):
 
 def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluation:
     """Evaluates a train dir's newest checkpoint (or --checkpoint), or an exported .pb, on one split."""
+    from finetune import precision
     from finetune.compat import tf
 
     info, image_size, train_dir, report = _resolve(config)
@@ -286,13 +289,19 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         )
     classes = list(info.classes)
     if config.model:
+        from finetune.export import frozen_precision
+
         source = str(Path(config.model).resolve())
+        used = precision.check_frozen_precision(frozen_precision(Path(config.model)), config.precision,
+                                                config.model)  # fmt: skip
         build, restore = _frozen_source(Path(config.model))
     else:
         source = checkpoint or config.checkpoint or tf.train.latest_checkpoint(str(train_dir))
         if not source:
             raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
-        build, restore = _checkpoint_source(source, len(classes))
+        compute = precision.resolve(config.precision or "fp32")
+        used = compute.precision
+        build, restore = _checkpoint_source(source, len(classes), compute.dtype)
     probabilities, labels, paths, seconds = _predict_split(
         info, config.split, config.batch_size, image_size, build, restore
     )
@@ -312,6 +321,7 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         dataset_fingerprint=info.fingerprint,
         seconds=seconds,
         images_per_second=len(labels) / seconds if seconds else 0.0,
+        precision=used,
         **scores,
     )
     png = report.with_suffix(".png")

@@ -44,6 +44,7 @@ class ExportResult:
     classes: list[str]
     image_size: int
     size_bytes: int
+    precision: str = "fp32"
 
 
 def sidecar_paths(model_path: Path) -> tuple[Path, Path]:
@@ -85,8 +86,16 @@ def load_sidecar(model_path: Path, flag: str = "--model") -> dict:
         )
 
 
-def build_serving_graph(num_classes: int, image_size: int):
-    """Builds the inference network with both entry points in the current graph; returns the outputs."""
+def frozen_precision(model_path: Path, flag: str = "--model") -> str:
+    """The precision a .pb was exported at, from its model.json (fp32 for .pb files from before bf16)."""
+    return str(load_sidecar(model_path, flag).get("precision", "fp32"))
+
+
+def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32"):
+    """Builds the inference network with both entry points in the current graph; returns the outputs.
+
+    ``input`` and the outputs are float32 whatever ``compute_dtype``; a 16-bit graph casts inside.
+    """
     from finetune import model
     from finetune.compat import tf
     from finetune.preprocessing import decode_image, preprocess_for_eval
@@ -100,7 +109,7 @@ def build_serving_graph(num_classes: int, image_size: int):
     )
     # Feeding `input` cuts the decoding branch off; feeding `image_bytes` computes `input` from the files.
     images = tf.compat.v1.placeholder_with_default(decoded, [None, image_size, image_size, 3], name=INPUT)
-    net = model.build(images, num_classes)
+    net = model.build(images, num_classes, compute_dtype=compute_dtype)
     probabilities = tf.identity(net.probabilities, name=PROBABILITIES)
     logits = tf.identity(net.logits, name=LOGITS)
     graph = tf.compat.v1.get_default_graph()
@@ -137,7 +146,7 @@ def _write_saved_model(graph_def, directory: Path, image_size: int, num_classes:
 
 def export(config: ExportConfig) -> ExportResult:
     """Freezes the run's newest checkpoint (or --checkpoint) into a .pb with its labels and sidecar."""
-    from finetune import model, train
+    from finetune import model, precision, train
     from finetune.compat import tf
 
     train_dir = Path(config.train_dir)
@@ -155,8 +164,11 @@ def export(config: ExportConfig) -> ExportResult:
         raise FinetuneError(f"--out {out}: name the file with a .pb suffix, e.g. model.pb")
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    # The type is frozen into the graph, not chosen per machine: bf16 is bfloat16 wherever the .pb runs.
+    bf16 = config.precision == "bf16"
+    compute_dtype = precision.BFLOAT16 if bf16 else precision.FLOAT32
     with tf.Graph().as_default() as graph:
-        build_serving_graph(len(classes), image_size)
+        build_serving_graph(len(classes), image_size, compute_dtype)
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
         saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
@@ -180,6 +192,8 @@ def export(config: ExportConfig) -> ExportResult:
             LOGITS: {"dtype": "float32", "shape": [None, len(classes)]},
         },
         "image_size": image_size,
+        "precision": config.precision,
+        "compute_dtype": compute_dtype,
         "preprocessing": {
             "central_crop_fraction": CENTRAL_FRACTION,
             "resize": "bilinear",
@@ -217,4 +231,5 @@ def export(config: ExportConfig) -> ExportResult:
         classes=classes,
         image_size=image_size,
         size_bytes=len(data),
+        precision=config.precision,
     )

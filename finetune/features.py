@@ -3,9 +3,9 @@
 What determines a feature (the 2048 values after the final average pool) is the backbone's weights, the
 image's bytes, the image size and the preprocessing. The cache is keyed by exactly that:
 
-- a *group* per (digest of the backbone variables' values, image size, preprocessing version): a checkpoint
-  whose backbone is unchanged (the same pretrained file under another path, or a train dir in which only the
-  head was trained) shares the group, and one whose backbone changed gets a fresh one;
+- a *group* per (digest of the backbone variables' values, image size, preprocessing version, compute
+  dtype): a checkpoint whose backbone is unchanged (the same pretrained file under another path, or a train
+  dir in which only the head was trained) shares the group, and one whose backbone changed gets a new one;
 - an *entry* per (sha256 of the image bytes, view): ``eval`` for the evaluation transform, or augmented view
   k under a seed for ``--augment-views``.
 
@@ -71,9 +71,11 @@ def view_seed(image_sha256: bytes, view: int, seed: int) -> tuple[int, int]:
 class FeatureCache:
     """The cached features of one group (backbone, image size, preprocessing version)."""
 
-    def __init__(self, root: Path, backbone: str, image_size: int):
+    def __init__(self, root: Path, backbone: str, image_size: int, compute_dtype: str = "float32"):
         description = {"backbone_sha256": backbone, "image_size": image_size,
                        "preprocessing_version": PREPROCESSING_VERSION}  # fmt: skip
+        if compute_dtype != "float32":  # float32 groups keep the names they had before precisions existed
+            description["compute_dtype"] = compute_dtype
         name = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
         self.directory = Path(root) / name
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -156,6 +158,7 @@ def extract(
     seed: int,
     device: str,
     session_config,
+    compute_dtype: str = "float32",
 ) -> ExtractionReport:
     """Computes the missing entries for each (split, view) job in one forward pass per job, then stores them.
 
@@ -204,7 +207,7 @@ def extract(
                 images = images.concatenate(more)
             batch = tf.compat.v1.data.make_one_shot_iterator(images.batch(EXTRACTION_BATCH).prefetch(2)).get_next()
             with tf.device(device):
-                net = model.build(batch, 2)
+                net = model.build(batch, 2, compute_dtype=compute_dtype)
             restore = model.variables_to_restore(model.HEAD_SCOPES)
             with tf.compat.v1.Session(graph=graph, config=session_config) as session:
                 model.restore(session, restore, checkpoint)

@@ -12,6 +12,7 @@ stay bit-identical to the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -161,6 +162,7 @@ def build(
     dropout_keep_prob: float = 0.8,
     aux_logits: bool = True,
     reuse: bool | None = None,
+    compute_dtype: str = "float32",
 ) -> Network:
     """Builds slim's InceptionV3 on ``images`` ([batch, S, S, 3] in [-1, 1]) in the current graph.
 
@@ -172,6 +174,10 @@ def build(
         dropout_keep_prob: keep probability of the dropout before Logits while it trains (slim's 0.8).
         aux_logits: build the aux head when it is being trained and the image size allows it.
         reuse: reuse the variables of an earlier build (a second tower, an eval graph beside training).
+        compute_dtype: "float32", or "bfloat16" / "float16" for mixed precision: the images and every
+            weight are cast to it where they are read, while variables stay float32 and logits, aux logits,
+            features and probabilities come out float32 (see finetune/precision.py); ``end_points`` stay in
+            the compute type.
     """
     size = images.shape[1]
     if size is None or images.shape[2] != size:
@@ -199,11 +205,12 @@ def build(
     # only slim's outputs collection exposes. Each build adds its pools; this build's are the new ones.
     pools = tf.compat.v1.get_collection_ref(_POOL_OUTPUTS)
     first_new_pool = len(pools)
+    dtype = tf.as_dtype(compute_dtype)
     with slim.arg_scope(arg_scope), slim.arg_scope([slim.conv2d], normalizer_fn=batch_norm), slim.arg_scope(
         [slim.avg_pool2d], outputs_collections=_POOL_OUTPUTS
-    ):
+    ), _float32_variables(dtype):
         logits, end_points = inception.inception_v3(
-            images,
+            tf.cast(images, dtype) if images.dtype != dtype else images,
             num_classes=num_classes,
             # Only dropout still reads this: batch norm takes its mode from the wrapper above.
             is_training=in_scopes(LOGITS_SCOPE, train_scopes),
@@ -214,13 +221,46 @@ def build(
     final_pool = next(
         p for p in pools[first_new_pool:] if any("/Logits/AvgPool_1a" in a for a in p.aliases)
     )
+    if dtype == tf.float32:
+        return Network(
+            logits=logits,
+            probabilities=end_points["Predictions"],
+            features=tf.squeeze(final_pool, [1, 2], name="Features"),
+            aux_logits=end_points.get("AuxLogits"),
+            end_points=end_points,
+        )
+    # Softmax, loss and argmax in float32: bfloat16 keeps 8 bits of mantissa, too few to rank close classes.
+    logits = tf.cast(logits, tf.float32, name="Logits_float32")
+    aux = end_points.get("AuxLogits")
     return Network(
         logits=logits,
-        probabilities=end_points["Predictions"],
-        features=tf.squeeze(final_pool, [1, 2], name="Features"),
-        aux_logits=end_points.get("AuxLogits"),
+        probabilities=tf.nn.softmax(logits, name="Predictions_float32"),
+        features=tf.cast(tf.squeeze(final_pool, [1, 2]), tf.float32, name="Features"),
+        aux_logits=None if aux is None else tf.cast(aux, tf.float32, name="AuxLogits_float32"),
         end_points=end_points,
     )
+
+
+def _float32_variables(dtype: tf.DType):
+    """A variable scope in which weights asked for in ``dtype`` are float32 variables, read through a cast.
+
+    slim asks for conv weights and biases in the input's type; they are created (and saved, restored and
+    updated) as float32 and cast where they are read, so only the compute is 16-bit. Batch norm's variables
+    are asked for as float32 by slim itself and pass through unchanged. Re-entering the current scope
+    without a name scope leaves op names (``tower_0/...``) and reuse as they were.
+    """
+    if dtype == tf.float32:
+        return contextlib.nullcontext()
+
+    def getter(next_getter, name, *args, **kwargs):
+        wanted = kwargs.get("dtype")
+        if wanted is None or wanted.base_dtype not in (tf.bfloat16, tf.float16):
+            return next_getter(name, *args, **kwargs)
+        variable = next_getter(name, *args, **{**kwargs, "dtype": tf.float32})
+        return tf.cast(variable, wanted.base_dtype)
+
+    scope = tf.compat.v1.get_variable_scope()
+    return tf.compat.v1.variable_scope(scope, custom_getter=getter, auxiliary_name_scope=False)
 
 
 def model_variables() -> list[tf.Variable]:

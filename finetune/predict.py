@@ -79,6 +79,7 @@ class Predictor:
     def __init__(self, model_path: Path):
         from finetune.compat import tf
         from finetune.export import IMAGE_BYTES, PROBABILITIES, load_graph_def, load_sidecar
+        from finetune.runtime import session_config
 
         self.sidecar = load_sidecar(model_path)
         self.classes = list(self.sidecar["classes"])
@@ -86,7 +87,7 @@ class Predictor:
         self.graph = tf.Graph()
         with self.graph.as_default():
             tf.compat.v1.import_graph_def(graph_def, name="")
-        self.session = tf.compat.v1.Session(graph=self.graph)
+        self.session = tf.compat.v1.Session(graph=self.graph, config=session_config())
         self.image_bytes = self.graph.get_tensor_by_name(f"{IMAGE_BYTES}:0")
         self.probabilities = self.graph.get_tensor_by_name(f"{PROBABILITIES}:0")
         self._errors = tf.errors.OpError
@@ -116,6 +117,10 @@ def predict(config: PredictConfig) -> Iterator[Prediction]:
     model_path = Path(config.model)
     if not model_path.exists():
         raise FinetuneError(f"--model {model_path}: no such file; run `finetune export` first")
+    from finetune.export import frozen_precision
+    from finetune.precision import check_frozen_precision
+
+    check_frozen_precision(frozen_precision(model_path), config.precision, str(model_path))
     predictor = Predictor(model_path)
     top_k = min(config.top_k, len(predictor.classes))
     try:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from finetune import __version__, model
+from finetune import __version__, model, precision
 from finetune.config import DEFAULT_LEARNING_RATES, TrainConfig
 from finetune.errors import FinetuneError
 from finetune.features import default_cache_dir
@@ -77,6 +77,8 @@ class Plan:
     feature_cache_reason: str  # why the cache is or is not used, for the summary
     augment_views: int
     cache_dir: str
+    precision: str  # "fp32" or "bf16", as asked
+    compute_dtype: str  # what the network computes in: float32, bfloat16 (or float16 on older GPUs)
     save_every: int
     save_minutes: float
     keep_checkpoints: int
@@ -218,6 +220,7 @@ def plan_training(config: TrainConfig) -> Plan:
             f"--batch-size {config.batch_size} does not split evenly over {len(devices)} devices; "
             f"use a multiple of {len(devices)}"
         )
+    compute = precision.resolve(config.precision, gpu=devices[0].startswith("/gpu"))
     steps_per_epoch = math.ceil(train_count / config.batch_size)
     epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
     total_steps = config.steps if config.steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
@@ -258,6 +261,8 @@ def plan_training(config: TrainConfig) -> Plan:
         feature_cache_reason=cache_reason,
         augment_views=config.augment_views if use_cache else 0,
         cache_dir=str(Path(config.cache_dir).resolve()) if config.cache_dir else str(default_cache_dir()),
+        precision=compute.precision,
+        compute_dtype=compute.dtype,
         save_every=save_every,
         save_minutes=config.save_minutes,
         keep_checkpoints=config.keep_checkpoints,
@@ -431,7 +436,8 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
             images = tf.split(batch["image"], towers)
             labels = tf.split(batch["label"], towers)
         learning_rate = _learning_rate(plan, global_step)
-        optimizer = _optimizer(plan.optimizer, learning_rate)
+        compute = precision.Compute(plan.precision, plan.compute_dtype)
+        optimizer = precision.loss_scale_optimizer(_optimizer(plan.optimizer, learning_rate), compute)
         tower_gradients, tower_losses, tower_logits = [], [], []
         first_tower_op = len(graph.get_operations())
         for index, device in enumerate(plan.devices):
@@ -440,6 +446,7 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
                 net = model.build(
                     images[index], len(plan.classes), train_scopes=plan.trainable_scopes,
                     dropout_keep_prob=plan.dropout_keep, reuse=True if index else None,
+                    compute_dtype=plan.compute_dtype,
                 )  # fmt: skip
                 trainable = model.trainable_variables(plan.trainable_scopes)
                 weights = [v for v in trainable if v.op.name.endswith("/weights")]
@@ -473,7 +480,8 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
                 )  # fmt: skip
                 val_batch = val_iterator.get_next()
             with tf.device(plan.devices[0]), tf.name_scope("validation"):
-                val_net = model.build(val_batch["image"], len(plan.classes), reuse=True)
+                val_net = model.build(val_batch["image"], len(plan.classes), reuse=True,
+                                      compute_dtype=plan.compute_dtype)  # fmt: skip
                 correct = tf.reduce_sum(
                     tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64)
                 )
@@ -511,13 +519,14 @@ def _cached_features(plan: Plan) -> _FeatureTables:
 
     info = load_dataset(plan.dataset)
     checkpoint = model.open_checkpoint(plan.checkpoint)
-    cache = features.FeatureCache(Path(plan.cache_dir), features.backbone_digest(checkpoint.path), plan.image_size)
+    cache = features.FeatureCache(Path(plan.cache_dir), features.backbone_digest(checkpoint.path), plan.image_size,
+                                  plan.compute_dtype)  # fmt: skip
     views = list(range(plan.augment_views)) or [None]
     splits = ["train"] + (["validation"] if plan.eval_every else [])
     examples = {split: features.scan_split(info, split) for split in splits}
     jobs = [("train", view) for view in views] + [(split, None) for split in splits[1:]]
     report = features.extract(cache, info, checkpoint, plan.image_size, examples, jobs, plan.seed,
-                              plan.devices[0], _session_config(plan))  # fmt: skip
+                              plan.devices[0], _session_config(plan), plan.compute_dtype)  # fmt: skip
     log.info(
         f"feature cache: {report.computed} computed, {report.reused} reused ({report.directory}"
         + (f"; {report.images_per_second:.1f} images/s)" if report.computed else ")")
@@ -622,12 +631,9 @@ def _build_cached_graph(plan: Plan, start_step: int, tables: _FeatureTables) -> 
 
 
 def _session_config(plan: Plan):
-    from finetune.compat import tf
+    from finetune.runtime import session_config
 
-    cpu_towers = sum(1 for d in plan.devices if d.startswith("/cpu"))
-    config = tf.compat.v1.ConfigProto(allow_soft_placement=True, device_count={"CPU": max(1, cpu_towers)})
-    config.gpu_options.allow_growth = True
-    return config
+    return session_config(cpu_devices=sum(1 for d in plan.devices if d.startswith("/cpu")))
 
 
 def _validate(session, validation: tuple) -> float:
