@@ -143,8 +143,8 @@ def scan_split(info, split: str) -> list[Example]:
 class ExtractionReport:
     computed: int
     reused: int
-    seconds: float
-    images_per_second: float
+    seconds: float  # all of it: graph, restore, every batch
+    images_per_second: float  # steady rate after the first batch (which pays for warm-up), like a benchmark's
     directory: str
 
 
@@ -211,14 +211,21 @@ def extract(
             restore = model.variables_to_restore(model.HEAD_SCOPES)
             with tf.compat.v1.Session(graph=graph, config=session_config) as session:
                 model.restore(session, restore, checkpoint)
-                computed = []
+                computed, first_batch_done = [], None
                 with Progress("extract features", todo) as progress:
                     while True:
                         try:
                             computed.append(session.run(net.features))
                         except tf.errors.OutOfRangeError:
                             break
+                        first_batch_done = first_batch_done or time.monotonic()
                         progress.advance(len(computed[-1]))
+                steady = time.monotonic() - first_batch_done
             cache.add(wanted_keys, np.concatenate(computed))
     seconds = time.monotonic() - started
-    return ExtractionReport(todo, reused, seconds, todo / seconds if todo and seconds else 0.0, str(cache.directory))
+    rate = 0.0
+    if todo > EXTRACTION_BATCH and steady > 0:
+        rate = (todo - EXTRACTION_BATCH) / steady
+    elif todo:
+        rate = todo / seconds
+    return ExtractionReport(todo, reused, seconds, rate, str(cache.directory))
