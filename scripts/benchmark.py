@@ -1,0 +1,670 @@
+"""Measures every stage of finetune on generated data against this machine's compute ceiling.
+
+    python scripts/benchmark.py                # the full run
+    python scripts/benchmark.py --quick        # the same fields from fewer images and steps
+    python scripts/benchmark.py --table        # the Markdown tables on stdout instead of the JSON
+    python scripts/benchmark.py --work DIR     # keep the generated photos, dataset, models and results in DIR
+
+--quick took 10 minutes on 2 cores shared with other TensorFlow jobs (most stages got one core); expect
+about half that on quiet cores, and about three times as long for the full run.
+
+Prints one JSON object on stdout and the tables on stderr. Everything runs on generated data, offline: a
+folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and a stand-in for the pretrained
+checkpoint (slim's names and shapes, calibrated random values). Each stage runs in its own process, so its
+peak resident memory is its own; TensorFlow's import, graph building and the first (graph-optimising) steps
+are kept off the clock. Stages, all at 299x299 and batch 32:
+
+- ``ceiling``: 4096x4096 matmuls in TensorFlow, float32 and bfloat16, GFLOP/s;
+- ``build_dataset``: the photos to TFRecords with every core, images/s;
+- ``input_pipeline``: TFRecords read, decoded and preprocessed (train and eval transforms), no model;
+- ``forward``, ``forward_bf16``: the eval graph, stepped from TFRecords, then from one batch held in memory;
+- ``train_logits``, ``train_mixed_7``, ``train_all``, ``train_all_bf16``: the graph ``finetune train`` builds
+  for that preset, stepped from TFRecords, then from one batch in memory fed in place of the reader's output
+  (same graph, same session), so the two figures differ by what the input pipeline costs and nothing else
+  (this reaches into ``finetune.train._build_graph`` to get exactly the graph the trainer runs);
+- ``finetune``: ``finetune train`` itself on the head, then ``finetune export`` of it at fp32 and bf16;
+- ``predict``, ``predict_bf16``: image files through each ``.pb``, as ``finetune predict`` runs them;
+- ``agreement``: ``finetune evaluate`` at fp32 and at bf16 on the validation split, top-1 agreement.
+
+FLOP accounting. The forward pass is counted from the graph (2 x multiply-adds of every convolution; batch
+norm, ReLU, pooling and concatenation are a few percent more and not counted) and comes to about 11.4
+GFLOP per image at 299, the figure the issue gives. Training a block costs its forward again twice over:
+once for the gradient of its weights, once for the gradient of its input. So a step costs
+``forward + aux head (when trained) + 2 x forward of the trained blocks`` per image: about 1x the forward
+for ``logits``, 1.35x for ``mixed_7`` and 3x for ``all``. It is an upper bound by the input gradient of each
+trained branch's first layer, which nothing needs. A figure's share of the ceiling is
+``images/s x FLOPs per image / matmul GFLOP/s``, against the fp32 ceiling for fp32 and the bf16 one for bf16;
+forward from the in-memory rate (what the network costs), training from the TFRecord rate (what a run gets).
+
+Every timed figure comes with its CPU use: process CPU time over wall time times the cores. A compute-bound
+stage on quiet cores runs near 1.0; about 0.5 on this 2-core machine means other processes held a core,
+and the figure is depressed accordingly (the ceiling too, if it was measured under the same load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+IMAGE_SIZE = 299
+BATCH = 32
+CLASSES = 5
+VALIDATION_FRACTION = 0.15
+MATMUL_SIZE = 4096
+ISSUE_FORWARD_GFLOP = 11.4  # per image at 299, as the issue counts it
+# The issue's goals.
+GOALS = {
+    "forward_vs_ceiling": 0.85,
+    "train_all_vs_ceiling": 0.60,
+    "bf16_speedup": 1.6,
+    "bf16_top1_agreement": 0.99,
+    "build_dataset_images_per_second": 300.0,
+    "tfrecords_vs_memory": 0.90,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much each stage does; --quick scales everything down, never the image size or the batch."""
+
+    photos: int  # generated photos, in CLASSES class folders
+    matmuls: int  # timed matmuls per type
+    pipeline_batches: int  # timed batches of the input pipeline per transform
+    forward_steps: int  # timed batches of the eval graph per input
+    train_steps: dict  # timed training steps per preset and input
+    warmup: int  # untimed steps before each timed run: graph optimisation, oneDNN primitives, buffers
+    finetune_steps: int  # steps of the head-only run that the export, predict and agreement stages use
+    predict_images: int  # files labelled per .pb
+
+
+FULL = Settings(photos=2000, matmuls=10, pipeline_batches=30, forward_steps=10,
+                train_steps={"logits": 10, "mixed_7": 8, "all": 6}, warmup=2, finetune_steps=60,
+                predict_images=320)  # fmt: skip
+QUICK = Settings(photos=400, matmuls=3, pipeline_batches=6, forward_steps=3,
+                 train_steps={"logits": 3, "mixed_7": 2, "all": 2}, warmup=1, finetune_steps=10,
+                 predict_images=64)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Work:
+    """Where a run keeps what it generates."""
+
+    root: Path
+    settings: Settings
+
+    @property
+    def photos(self) -> Path:
+        return self.root / f"photos_{self.settings.photos}"
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / f"dataset_{self.settings.photos}"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "pretrained" / "inception_v3.ckpt"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run_logits"
+
+    def model(self, precision: str) -> Path:
+        return self.root / f"model_{precision}.pb"
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def _peak_memory_mb(children: bool = False) -> float:
+    """This process's peak resident memory (or its largest child's), in MiB; Linux reports KiB."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _Clock:
+    """Wall and process CPU time of a block; ``utilisation`` is CPU time over wall time times the cores.
+
+    On a quiet machine a compute-bound stage runs near 1.0; well below it means waiting (for input, for a
+    lock) or, on a busy machine, other processes holding the cores.
+    """
+
+    def __enter__(self) -> "_Clock":
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        self.utilisation = (time.process_time() - self._cpu) / (self.seconds * _cores())
+
+
+def _rate(images: int, clock: _Clock) -> dict:
+    return {"images_per_second": round(images / clock.seconds, 2), "cpu_utilisation": round(clock.utilisation, 2)}
+
+
+def _run_steps(session, fetches, steps: int, feed: dict | None = None) -> None:
+    for _ in range(steps):
+        session.run(fetches, feed)
+
+
+def _records_then_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int) -> dict:
+    """Steps a graph from its TFRecord reader, then from one batch fed in place of the reader's output.
+
+    Feeding the reader's output tensors cuts the reader out of the step: the same graph and session run,
+    with the input pipeline idle (the feed copies the 34 MB batch each step, about 1% of a step here). Each phase starts with untimed steps, so the TFRecord phase is timed in its
+    steady state and the memory phase after the reader's buffers have filled and gone quiet.
+    """
+    _run_steps(session, fetches, settings.warmup)
+    with _Clock() as records:
+        _run_steps(session, fetches, steps)
+    inputs = [t for t in (image_tensor, label_tensor) if t is not None]
+    feed = dict(zip(inputs, session.run(inputs)))
+    _run_steps(session, fetches, settings.warmup, feed)
+    with _Clock() as memory:
+        _run_steps(session, fetches, steps, feed)
+    return {
+        "tfrecords": _rate(steps * BATCH, records),
+        "memory": _rate(steps * BATCH, memory),
+        "tfrecords_vs_memory": round(memory.seconds / records.seconds, 3),
+    }
+
+
+def _reader_outputs(graph):
+    """The image and label tensors of a graph's first tf.data iterator (the training or eval reader)."""
+    get_next = next(op for op in graph.get_operations() if op.type == "IteratorGetNext")
+    image = next(t for t in get_next.outputs if t.shape.rank == 4)
+    label = next((t for t in get_next.outputs if t.dtype.name == "int64"), None)
+    return image, label
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def stage_prepare(work: Work) -> dict:
+    """Generates the photos and the stand-in checkpoint (untimed; reused when --work already has them)."""
+    from finetune.synthetic import make_image_folder, write_standin_checkpoint
+
+    per_class = work.settings.photos // CLASSES
+    if not (work.photos / ".complete").exists():
+        shutil.rmtree(work.photos, ignore_errors=True)
+        # Photo-sized clean JPEGs (no PNG to convert), 240 to 500 pixels a side like the flowers photos.
+        make_image_folder(work.photos, num_classes=CLASSES, images_per_class=per_class, seed=0, min_side=240,
+                          max_side=500, png_fraction=0.0, jpeg_quality=90)  # fmt: skip
+        (work.photos / ".complete").write_text("")
+    if not work.checkpoint.exists():
+        write_standin_checkpoint(work.checkpoint, seed=0)
+    files = [p for p in work.photos.rglob("*.jpg")]
+    return {"photos": len(files), "mean_jpeg_kb": round(sum(p.stat().st_size for p in files) / len(files) / 1024, 1)}
+
+
+def stage_ceiling(work: Work) -> dict:
+    """GFLOP/s of 4096x4096 matmuls, float32 and bfloat16, operands held in variables."""
+    from finetune.compat import tf
+
+    results = {}
+    n = MATMUL_SIZE
+    for dtype in (tf.float32, tf.bfloat16):
+        with tf.Graph().as_default():
+            a = tf.Variable(tf.cast(tf.random.uniform([n, n], -1.0, 1.0), dtype))
+            b = tf.Variable(tf.cast(tf.random.uniform([n, n], -1.0, 1.0), dtype))
+            # One element of the product is fetched: the whole product is computed, almost nothing copied.
+            product = tf.matmul(a, b)[0, 0]
+            with tf.compat.v1.Session(config=_session_config()) as session:
+                session.run(tf.compat.v1.global_variables_initializer())
+                _run_steps(session, product, 2)
+                with _Clock() as clock:
+                    _run_steps(session, product, work.settings.matmuls)
+        flops = 2 * n**3 * work.settings.matmuls
+        results[dtype.name] = {"gflops": round(flops / clock.seconds / 1e9, 1),
+                               "cpu_utilisation": round(clock.utilisation, 2)}  # fmt: skip
+    return results
+
+
+def stage_build_dataset(work: Work) -> dict:
+    from finetune.compat import tf  # noqa: F401  (imported before the clock, as a running CLI has it)
+    from finetune.config import BuildDatasetConfig
+    from finetune.dataset import build_dataset
+
+    config = BuildDatasetConfig(image_dir=str(work.photos), out=str(work.dataset),
+                                validation_fraction=VALIDATION_FRACTION, overwrite=True)  # fmt: skip
+    with _Clock() as clock:
+        result = build_dataset(config)
+    return {
+        **_rate(result.files_seen, clock),
+        "workers": _cores(),
+        "split_counts": result.split_counts,
+        "peak_memory_workers_mb": _peak_memory_mb(children=True),
+    }
+
+
+def stage_input_pipeline(work: Work) -> dict:
+    """The training reader alone: records read, decoded and preprocessed into batches, no model."""
+    from finetune.compat import tf
+    from finetune.dataset import load_dataset, read_dataset
+
+    info = load_dataset(work.dataset)
+    results = {}
+    for name, augment in (("train_transform", True), ("eval_transform", False)):
+        with tf.Graph().as_default():
+            batches = read_dataset(info, "train", batch_size=BATCH, image_size=IMAGE_SIZE, training=True,
+                                   augment=augment, repeat=True, seed=0)  # fmt: skip
+            images = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()["image"]
+            # Fetching a batch copies 34 MB into Python; fetch one number of it so the figure is the reader's.
+            fetch = images[0, 0, 0, 0]
+            with tf.compat.v1.Session(config=_session_config()) as session:
+                _run_steps(session, fetch, work.settings.warmup)
+                with _Clock() as clock:
+                    _run_steps(session, fetch, work.settings.pipeline_batches)
+        results[name] = _rate(work.settings.pipeline_batches * BATCH, clock)
+    return results
+
+
+def _forward(work: Work, precision: str) -> dict:
+    from finetune import model
+    from finetune import precision as precisions
+    from finetune.compat import tf
+    from finetune.dataset import load_dataset, read_dataset
+
+    info = load_dataset(work.dataset)
+    compute = precisions.resolve(precision)
+    with tf.Graph().as_default() as graph:
+        batches = read_dataset(info, "train", batch_size=BATCH, image_size=IMAGE_SIZE, training=False,
+                               shuffle=False, repeat=True, drop_remainder=True)  # fmt: skip
+        batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
+        net = model.build(batch["image"], CLASSES, compute_dtype=compute.dtype)
+        variables = model.variables_to_restore(model.HEAD_SCOPES)
+        with tf.compat.v1.Session(config=_session_config()) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            model.restore(session, variables, model.open_checkpoint(work.checkpoint))
+            image, _ = _reader_outputs(graph)
+            return _records_then_memory(session, net.probabilities, image, None, work.settings,
+                                        work.settings.forward_steps)  # fmt: skip
+
+
+def stage_forward(work: Work) -> dict:
+    return {**_forward(work, "fp32"), "gflop_per_image_by_block": _count_flops()}
+
+
+def stage_forward_bf16(work: Work) -> dict:
+    return _forward(work, "bf16")
+
+
+def _count_flops() -> dict:
+    """2 x multiply-adds of every convolution at 299, per image, by block (the aux head built too)."""
+    from finetune import model
+    from finetune.compat import tf
+
+    by_block: dict[str, float] = {}
+    with tf.Graph().as_default() as graph:
+        images = tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3])
+        model.build(images, CLASSES, train_scopes=model.PRESETS["all"])
+        for op in graph.get_operations():
+            if op.type != "Conv2D":
+                continue
+            _, height, width, _ = op.outputs[0].shape.as_list()
+            kernel_height, kernel_width, inputs, outputs = op.inputs[1].shape.as_list()
+            block = model.scope_of(op.name.replace(f"{model.ROOT}/{model.ROOT}/", f"{model.ROOT}/"))
+            flops = 2.0 * height * width * kernel_height * kernel_width * inputs * outputs
+            by_block[block] = by_block.get(block, 0.0) + flops
+    return {block: round(flops / 1e9, 4) for block, flops in by_block.items()}
+
+
+def _train(work: Work, preset: str, precision: str) -> dict:
+    """The training graph `finetune train` builds, stepped from TFRecords and then from memory."""
+    from finetune import model, train
+    from finetune.compat import tf
+    from finetune.config import TrainConfig
+
+    config = TrainConfig(dataset=str(work.dataset), train_dir=str(work.root / f"bench_{preset}_{precision}"),
+                         checkpoint=str(work.checkpoint), trainable=preset, batch_size=BATCH,
+                         image_size=IMAGE_SIZE, steps=10**6, eval_every=0, precision=precision)  # fmt: skip
+    plan = train.plan_training(config)
+    built = train._build_graph(plan, start_step=0)
+    fetches = [built.train_op, built.loss, built.accuracy, built.learning_rate]  # what the trainer fetches
+    with built.graph.as_default(), tf.compat.v1.Session(config=train._session_config(plan)) as session:
+        session.run(tf.compat.v1.global_variables_initializer())
+        model.restore(session, built.restore_variables, model.open_checkpoint(work.checkpoint))
+        session.run(built.zero_head)
+        image, label = _reader_outputs(built.graph)
+        steps = work.settings.train_steps[preset]
+        result = _records_then_memory(session, fetches, image, label, work.settings, steps)
+    result.update(trainable_scopes=list(plan.trainable_scopes), augment=plan.augment,
+                  compute_dtype=plan.compute_dtype)  # fmt: skip
+    return result
+
+
+def stage_train_logits(work: Work) -> dict:
+    return _train(work, "logits", "fp32")
+
+
+def stage_train_mixed_7(work: Work) -> dict:
+    return _train(work, "mixed_7", "fp32")
+
+
+def stage_train_all(work: Work) -> dict:
+    return _train(work, "all", "fp32")
+
+
+def stage_train_all_bf16(work: Work) -> dict:
+    return _train(work, "all", "bf16")
+
+
+def stage_finetune(work: Work) -> dict:
+    """`finetune train` on the head, then `finetune export` at fp32 and bf16, as a user runs them.
+
+    The run and the two .pb files are what the predict and agreement stages use.
+    """
+    from finetune.config import ExportConfig, TrainConfig
+    from finetune.export import export
+    from finetune.train import train
+
+    steps = work.settings.finetune_steps
+    config = TrainConfig(dataset=str(work.dataset), train_dir=str(work.run), checkpoint=str(work.checkpoint),
+                         batch_size=BATCH, image_size=IMAGE_SIZE, steps=steps, eval_every=0,
+                         overwrite=True)  # fmt: skip
+    result = train(config)
+    exports = {}
+    for precision in ("fp32", "bf16"):
+        with _Clock() as clock:
+            exported = export(ExportConfig(train_dir=str(work.run), out=str(work.model(precision)),
+                                           precision=precision))  # fmt: skip
+        exports[precision] = {"seconds": round(clock.seconds, 2), "size_mb": round(exported.size_bytes / 2**20, 1)}
+    # No speed here: the train stages measure training; this run only makes the model the next stages use.
+    return {"steps": steps, "first_loss": result.first_loss, "final_loss": result.final_loss, "export": exports}
+
+
+def _predict(work: Work, precision: str) -> dict:
+    """Files through the .pb in batches of 32, as `finetune predict` reads and runs them."""
+    from finetune.predict import Predictor, find_images
+
+    files = [path for path, _ in find_images((str(work.photos),))][: work.settings.predict_images]
+    predictor = Predictor(work.model(precision))
+    try:
+        first = [path.read_bytes() for path in files[:BATCH]]
+        for _ in range(work.settings.warmup):
+            predictor.run(first)
+        with _Clock() as clock:
+            for start in range(0, len(files), BATCH):
+                predictor.run([path.read_bytes() for path in files[start:start + BATCH]])
+    finally:
+        predictor.close()
+    return _rate(len(files), clock)
+
+
+def stage_predict(work: Work) -> dict:
+    return _predict(work, "fp32")
+
+
+def stage_predict_bf16(work: Work) -> dict:
+    return _predict(work, "bf16")
+
+
+def stage_agreement(work: Work) -> dict:
+    """`finetune evaluate` of the run at fp32 and at bf16 on the validation split: how often top-1 agrees."""
+    from finetune.config import EvaluateConfig
+    from finetune.evaluate import evaluate
+
+    runs = {precision: evaluate(EvaluateConfig(train_dir=str(work.run), batch_size=BATCH, precision=precision))
+            for precision in ("fp32", "bf16")}  # fmt: skip
+    fp32, bf16 = runs["fp32"].predictions, runs["bf16"].predictions
+    same = [a.predicted == b.predicted for a, b in zip(fp32, bf16)]
+    confidence = [abs(a.confidence - b.confidence) for a, b, agree in zip(fp32, bf16, same) if agree]
+    # A flip between two classes the fp32 model all but ties on says little about bf16; show how close.
+    flips = [{"path": a.path, "fp32": [a.predicted, round(a.confidence, 4)],
+              "bf16": [b.predicted, round(b.confidence, 4)]}
+             for a, b, agree in zip(fp32, bf16, same) if not agree]  # fmt: skip
+    return {
+        "examples": len(same),
+        "top1_agreement": round(sum(same) / len(same), 4),
+        "max_confidence_difference_where_agreeing": round(max(confidence, default=0.0), 4),
+        "disagreements": flips[:10],
+        **{f"top1_{p}": round(e.top1, 4) for p, e in runs.items()},
+        **{f"evaluate_images_per_second_{p}": round(e.images_per_second, 2) for p, e in runs.items()},
+    }
+
+
+STAGES: dict[str, Callable[[Work], dict]] = {
+    "prepare": stage_prepare,
+    "ceiling": stage_ceiling,
+    "build_dataset": stage_build_dataset,
+    "input_pipeline": stage_input_pipeline,
+    "forward": stage_forward,
+    "forward_bf16": stage_forward_bf16,
+    "train_logits": stage_train_logits,
+    "train_mixed_7": stage_train_mixed_7,
+    "train_all": stage_train_all,
+    "train_all_bf16": stage_train_all_bf16,
+    "finetune": stage_finetune,
+    "predict": stage_predict,
+    "predict_bf16": stage_predict_bf16,
+    "agreement": stage_agreement,
+}
+
+
+def _session_config():
+    """The session settings `finetune evaluate` and `predict` use, so that the figures are theirs."""
+    from finetune.runtime import session_config
+
+    return session_config()
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _training_gflop(flops: dict, scopes: list[str]) -> float:
+    """Per image: the forward, the aux head when trained, twice the forward of every trained block."""
+    from finetune import model
+
+    forward = sum(f for block, f in flops.items() if block != model.AUX_SCOPE)
+    trained = sum(f for block, f in flops.items() if model.in_scopes(block, scopes))
+    aux = flops.get(model.AUX_SCOPE, 0.0) if model.in_scopes(model.AUX_SCOPE, scopes) else 0.0
+    return forward + aux + 2 * trained
+
+
+def summarise(stages: dict) -> dict:
+    """The figures the issue asks for, derived from the stages' raw results, with the goals they meet."""
+    ceiling = {"fp32": stages["ceiling"]["float32"]["gflops"], "bf16": stages["ceiling"]["bfloat16"]["gflops"]}
+    flops = stages["forward"]["gflop_per_image_by_block"]
+    forward_gflop = sum(f for block, f in flops.items() if not block.endswith("AuxLogits"))
+
+    def share(images_per_second: float, gflop: float, precision: str) -> float:
+        return round(images_per_second * gflop / ceiling[precision], 3)
+
+    summary: dict = {
+        "ceiling_gflops": ceiling,
+        "forward_gflop_per_image_counted": round(forward_gflop, 2),
+        "build_dataset_images_per_second": stages["build_dataset"]["images_per_second"],
+        "input_pipeline_images_per_second": {k: v["images_per_second"] for k, v in stages["input_pipeline"].items()
+                                             if k != "peak_memory_mb"},
+    }
+    for name, precision in (("forward", "fp32"), ("forward_bf16", "bf16")):
+        stage = stages[name]
+        summary[name] = {
+            "images_per_second": stage["memory"]["images_per_second"],
+            "images_per_second_from_tfrecords": stage["tfrecords"]["images_per_second"],
+            "vs_ceiling": share(stage["memory"]["images_per_second"], ISSUE_FORWARD_GFLOP, precision),
+            "tfrecords_vs_memory": stage["tfrecords_vs_memory"],
+        }
+    for name in ("train_logits", "train_mixed_7", "train_all", "train_all_bf16"):
+        stage = stages[name]
+        precision = "bf16" if name.endswith("bf16") else "fp32"
+        gflop = _training_gflop(flops, stage["trainable_scopes"]) * ISSUE_FORWARD_GFLOP / forward_gflop
+        summary[name] = {
+            "images_per_second": stage["tfrecords"]["images_per_second"],
+            "images_per_second_from_memory": stage["memory"]["images_per_second"],
+            "gflop_per_image": round(gflop, 1),
+            "vs_ceiling": share(stage["tfrecords"]["images_per_second"], gflop, precision),
+            "tfrecords_vs_memory": stage["tfrecords_vs_memory"],
+        }
+    summary["predict_images_per_second"] = {"fp32": stages["predict"]["images_per_second"],
+                                            "bf16": stages["predict_bf16"]["images_per_second"]}  # fmt: skip
+    summary["bf16_speedup"] = {
+        name: round(summary[f"{name}_bf16"]["images_per_second"] / summary[name]["images_per_second"], 2)
+        for name in ("forward", "train_all")
+    }
+    summary["bf16_speedup"]["predict"] = round(
+        stages["predict_bf16"]["images_per_second"] / stages["predict"]["images_per_second"], 2
+    )
+    summary["bf16_top1_agreement"] = stages["agreement"]["top1_agreement"]
+    summary["peak_memory_mb"] = {name: stage["peak_memory_mb"] for name, stage in stages.items() if name != "prepare"}
+    summary["peak_memory_mb"]["build_dataset_each_worker"] = stages["build_dataset"]["peak_memory_workers_mb"]
+    fed = ("forward", "train_logits", "train_mixed_7", "train_all")
+    worst_input = min(summary[name]["tfrecords_vs_memory"] for name in fed)
+    measured = {
+        "forward_vs_ceiling": summary["forward"]["vs_ceiling"],
+        "train_all_vs_ceiling": summary["train_all"]["vs_ceiling"],
+        "bf16_speedup": min(summary["bf16_speedup"]["forward"], summary["bf16_speedup"]["train_all"]),
+        "bf16_top1_agreement": summary["bf16_top1_agreement"],
+        "build_dataset_images_per_second": summary["build_dataset_images_per_second"],
+        "tfrecords_vs_memory": worst_input,
+    }
+    summary["goals"] = {k: {"measured": v, "goal": GOALS[k], "met": v >= GOALS[k]} for k, v in measured.items()}
+    return summary
+
+
+def table(report: dict) -> str:
+    """The Markdown tables of the README: one row per figure, then the issue's goals."""
+    s, stages = report["summary"], report["stages"]
+
+    def gb(*names: str) -> str:
+        return " / ".join(f"{stages[name]['peak_memory_mb'] / 1024:.1f}" for name in names)
+
+    def pct(value: float) -> str:
+        return f"{100 * value:.0f}%"
+
+    def use(*parts: dict) -> str:
+        return " / ".join(f"{part['cpu_utilisation']:.2f}" for part in parts)
+
+    ceiling, pipeline, build = stages["ceiling"], stages["input_pipeline"], stages["build_dataset"]
+    rows = [
+        ("matmul 4096x4096, fp32 / bf16", f"{s['ceiling_gflops']['fp32']:.0f} / {s['ceiling_gflops']['bf16']:.0f} "
+         "GFLOP/s", "(the ceiling)", "", use(ceiling["float32"], ceiling["bfloat16"]), gb("ceiling")),
+        (f"build-dataset, clean JPEGs, {build['workers']} workers", f"{build['images_per_second']:.0f} images/s", "",
+         "", "", f"{build['peak_memory_mb'] / 1024:.1f} + {build['peak_memory_workers_mb'] / 1024:.1f} per worker"),
+        ("input pipeline alone, train / eval transform", f"{pipeline['train_transform']['images_per_second']:.0f} / "
+         f"{pipeline['eval_transform']['images_per_second']:.0f} images/s", "", "",
+         use(pipeline["train_transform"], pipeline["eval_transform"]), gb("input_pipeline")),
+    ]
+    labels = {
+        "forward": "forward (eval graph), fp32", "forward_bf16": "forward (eval graph), bf16",
+        "train_logits": "train `logits`, fp32", "train_mixed_7": "train `mixed_7`, fp32",
+        "train_all": "train `all`, fp32", "train_all_bf16": "train `all`, bf16",
+    }  # fmt: skip
+    for name, label in labels.items():
+        row, stage = s[name], stages[name]
+        if name.startswith("train"):
+            label += f", {row['gflop_per_image']:.0f} GFLOP/image"
+        rates = f"{stage['tfrecords']['images_per_second']:.1f} / {stage['memory']['images_per_second']:.1f}"
+        rows.append((label, f"{rates} images/s", pct(row["vs_ceiling"]), pct(row["tfrecords_vs_memory"]),
+                     use(stage["tfrecords"], stage["memory"]), gb(name)))  # fmt: skip
+    rows.append(("predict from the .pb, fp32 / bf16", f"{stages['predict']['images_per_second']:.1f} / "
+                 f"{stages['predict_bf16']['images_per_second']:.1f} images/s", "", "",
+                 use(stages["predict"], stages["predict_bf16"]), gb("predict", "predict_bf16")))  # fmt: skip
+    speedup, agreement = s["bf16_speedup"], stages["agreement"]
+    rows.append(("bf16 over fp32: forward / train `all` / predict",
+                 f"{speedup['forward']:.2f}x / {speedup['train_all']:.2f}x / {speedup['predict']:.2f}x", "", "", "",
+                 ""))  # fmt: skip
+    agrees = f"top-1 agrees on {pct(agreement['top1_agreement'])} of {agreement['examples']}"
+    rows.append(("bf16 vs fp32, `finetune evaluate` on the validation split", agrees, "", "", "", gb("agreement")))
+    header = ("stage (299x299, batch 32)", "result (from TFRecords / from memory)", "of the ceiling",
+              "TFRecords ÷ memory", "CPU use", "peak RSS, GB")  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} at least {goal['goal']:g} | {goal['measured']:g} | {'yes' if goal['met'] else 'no'} |"
+              for name, goal in s["goals"].items()]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _run_stage(name: str, work: Work, quick: bool, verbose: bool) -> dict:
+    """Runs one stage in a fresh Python process and returns its JSON result."""
+    command = [sys.executable, __file__, "--stage", name, "--work", str(work.root)] + (["--quick"] if quick else [])
+    started = time.monotonic()
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        detail = "" if verbose else "\n" + "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"error: stage {name} failed (exit {done.returncode}){detail}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{name}: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return result
+
+
+def _child(name: str, work: Work) -> int:
+    """Runs one stage in this process and prints its result, with the process's peak memory, as JSON."""
+    from finetune.cli import configure_logging
+
+    configure_logging(0)  # finetune's progress and warnings on stderr, as the CLI shows them
+    result = STAGES[name](work)
+    result["peak_memory_mb"] = _peak_memory_mb()
+    print(json.dumps(result))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images and steps, same fields (~3 minutes)")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table on stdout, not the JSON")
+    parser.add_argument("--work", help="folder for the photos, dataset and models (default: a temporary one)")
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES),
+                        help="run only these; the summary takes the others from an earlier run in --work")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show each stage's own log lines")
+    parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # one stage, in this process
+    args = parser.parse_args()
+    settings = QUICK if args.quick else FULL
+    if args.stage:
+        return _child(args.stage, Work(Path(args.work), settings))
+
+    root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="finetune-benchmark-"))
+    work = Work(root, settings)
+    # Each stage's result is kept, so that --stages can rerun some and summarise with the others.
+    results = root / ("results-quick" if args.quick else "results-full")
+    results.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for name in args.stages or STAGES:
+        (results / f"{name}.json").write_text(json.dumps(_run_stage(name, work, args.quick, args.verbose)))
+    stages = {name: json.loads((results / f"{name}.json").read_text())
+              for name in STAGES if (results / f"{name}.json").exists()}  # fmt: skip
+    from finetune.precision import cpu_has_bf16
+
+    report = {
+        "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:]),
+        "quick": args.quick,
+        "cores": _cores(),
+        "cpu_has_bf16": cpu_has_bf16(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.monotonic() - started, 1),
+        "stages": stages,
+    }
+    missing = [name for name in STAGES if name not in stages]
+    if missing:
+        report["summary"] = f"needs the results of {', '.join(missing)}"
+        print(json.dumps(report, indent=1))
+        return 0
+    report["summary"] = summarise(stages)
+    text = table(report)
+    print(text if args.table else json.dumps(report, indent=1))
+    if not args.table:
+        print(text, file=sys.stderr)
+    if not args.work:
+        shutil.rmtree(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
