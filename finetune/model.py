@@ -344,8 +344,14 @@ def open_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> Chec
 
 
 def default_exclusions(num_classes: int, checkpoint: Checkpoint) -> tuple[str, ...]:
-    """The scopes not to restore when the user names none: the head, unless its class count matches."""
-    return () if checkpoint.num_classes == num_classes else HEAD_SCOPES
+    """The scopes not to restore when the user names none: the head, unless its class count matches.
+
+    Even then, a head scope the checkpoint does not hold starts fresh: a head trained on cached features
+    has no aux head, and a second phase that trains deeper layers builds one.
+    """
+    if checkpoint.num_classes != num_classes:
+        return HEAD_SCOPES
+    return tuple(scope for scope in HEAD_SCOPES if not any(in_scopes(name, (scope,)) for name in checkpoint.shapes))
 
 
 def variables_to_restore(exclude_scopes: Sequence[str] = ()) -> list[tf.Variable]:
