@@ -77,6 +77,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     )
 
 
+def validation_examples(run):
+    """A run's validation split through the eval reader: preprocessed pixels, labels and source paths."""
+    from finetune.compat import tf
+    from finetune.dataset import load_dataset, read_dataset
+
+    info = load_dataset(run.dataset)
+    with tf.Graph().as_default():
+        batch = tf.compat.v1.data.make_one_shot_iterator(
+            read_dataset(info, "validation", batch_size=1000, image_size=run.image_size, training=False)
+        ).get_next()
+        with tf.compat.v1.Session() as session:
+            values = session.run(batch)
+    return values["image"], values["label"], [p.decode() for p in values["path"]]
+
+
 # ------------------------------------------------------------------------------------- image folders
 
 

@@ -13,10 +13,10 @@ import pytest
 from finetune import model
 from finetune.compat import tf
 from finetune.config import EvaluateConfig, ExportConfig
-from finetune.dataset import load_dataset, read_dataset
+from finetune.dataset import load_dataset
 from finetune.evaluate import evaluate
 from finetune.export import export
-from tests.conftest import run_cli
+from tests.conftest import run_cli, validation_examples
 
 # Run in a fresh interpreter: TensorFlow alone, as a serving client would (no finetune, no tf_slim).
 PLAIN_TENSORFLOW = textwrap.dedent(
@@ -47,18 +47,6 @@ def exported(trained_run, tmp_path_factory):
     return result
 
 
-def _validation_examples(run):
-    """The validation split through the eval reader: preprocessed pixels, labels and source paths."""
-    info = load_dataset(run.dataset)
-    with tf.Graph().as_default():
-        batch = tf.compat.v1.data.make_one_shot_iterator(
-            read_dataset(info, "validation", batch_size=1000, image_size=run.image_size, training=False)
-        ).get_next()
-        with tf.compat.v1.Session() as session:
-            values = session.run(batch)
-    return values["image"], values["label"], [p.decode() for p in values["path"]]
-
-
 def _checkpoint_probabilities(run, images):
     with tf.Graph().as_default():
         net = model.build(tf.constant(images), 6)
@@ -69,7 +57,7 @@ def _checkpoint_probabilities(run, images):
 
 @pytest.mark.slow
 def test_frozen_graph_in_plain_tensorflow_matches_the_checkpoint(trained_run, exported, tmp_path):
-    images, _, paths = _validation_examples(trained_run)
+    images, _, paths = validation_examples(trained_run)
     np.save(tmp_path / "images.npy", images)
     files = [str(trained_run.photos / p) for p in paths]  # JPEGs, stored in the records byte for byte
     script = tmp_path / "plain.py"
@@ -98,7 +86,7 @@ def test_sidecars_describe_the_model(trained_run, exported):
 
 @pytest.mark.slow
 def test_saved_model_serves_the_same_probabilities(trained_run, exported):
-    images, _, paths = _validation_examples(trained_run)
+    images, _, paths = validation_examples(trained_run)
     loaded = tf.saved_model.load(exported.saved_model)
     files = tf.constant([(trained_run.photos / p).read_bytes() for p in paths[:4]])
     served = loaded.signatures["serving_default"](image_bytes=files)["probabilities"].numpy()

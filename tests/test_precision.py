@@ -14,7 +14,7 @@ from finetune.config import ExportConfig, TrainConfig
 from finetune.errors import FinetuneError
 from finetune.export import export
 from finetune.train import train
-from tests.conftest import run_cli
+from tests.conftest import run_cli, validation_examples
 
 SIZE = 75
 # bfloat16 keeps 8 significant bits: each op rounds to about 0.4% relative error, and ~100 layers of them
@@ -22,18 +22,6 @@ SIZE = 75
 # most, measured here). 0.06 leaves room for other CPUs and summation orders and would still catch a
 # graph that computes something else (a wrong cast, a missing batch norm) by a wide margin.
 PROBABILITY_TOLERANCE = 0.06
-
-
-def _validation_images(run):
-    from finetune.dataset import load_dataset, read_dataset
-
-    info = load_dataset(run.dataset)
-    with tf.Graph().as_default():
-        batch = tf.compat.v1.data.make_one_shot_iterator(
-            read_dataset(info, "validation", batch_size=1000, image_size=run.image_size, training=False)
-        ).get_next()
-        with tf.compat.v1.Session() as session:
-            return session.run(batch["image"])
 
 
 def _checkpoint_probabilities(run, images, compute_dtype):
@@ -47,7 +35,7 @@ def _checkpoint_probabilities(run, images, compute_dtype):
 def _pb_probabilities(path, images):
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(open(path, "rb").read())
-    with tf.Graph().as_default() as graph:
+    with tf.Graph().as_default():
         tf.compat.v1.import_graph_def(graph_def, name="")
         with tf.compat.v1.Session() as session:
             return session.run("probabilities:0", {"input:0": images}), graph_def
@@ -97,7 +85,7 @@ def bf16_model(trained_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_bf16_checkpoint_and_pb_give_probabilities_close_to_fp32(trained_run, bf16_model):
-    images = _validation_images(trained_run)
+    images, _, _ = validation_examples(trained_run)
     fp32 = _checkpoint_probabilities(trained_run, images, "float32")
     bf16 = _checkpoint_probabilities(trained_run, images, "bfloat16")
     from_pb, graph_def = _pb_probabilities(bf16_model.model, images)
