@@ -348,10 +348,12 @@ class QuickstartConfig:
     workdir: str = option(".", help="folder for checkpoints/, datasets/ and runs/", metavar="DIR")
     # 5 classes x 60 = 300 photos: enough for a validation split of about 60 and a result worth reading.
     images_per_class: int = option(60, help="generated photos per class (5 classes)", metavar="N")
-    # The size the network was pretrained at; with 300 photos and 3 epochs it fits in 5 minutes on 2 cores.
+    # The size the network was pretrained at; the whole quickstart takes about a minute on 2 cores.
     image_size: int = option(299, help="network input size, 75 to 330", metavar="PIXELS")
-    # Three passes train a new head on pretrained features well; more mostly cost time.
-    epochs: float = option(3.0, help="passes over the training split")
+    # The head trains on cached features (one forward pass per photo), so an epoch costs milliseconds: 30
+    # took the head from 0.51 validation accuracy at 3 epochs to 0.61 (offline, random weights) at the
+    # same wall time.
+    epochs: float = option(30.0, help="passes over the training split")
     steps: int | None = option(None, help="training steps; overrides --epochs", metavar="N")
     batch_size: int = option(32, help="images per training step", metavar="N")
     url: str | None = option(
