@@ -4,13 +4,16 @@
     python scripts/benchmark.py --quick        # the same fields from fewer images and steps
     python scripts/benchmark.py --table        # the Markdown tables on stdout instead of the JSON
     python scripts/benchmark.py --work DIR     # keep the generated photos, dataset, models and results in DIR
+    python scripts/benchmark.py --checkpoint checkpoints/inception_v3.ckpt   # the real weights, not a stand-in
 
---quick took 10 minutes on 2 cores shared with other TensorFlow jobs (most stages got one core); expect
-about half that on quiet cores, and about three times as long for the full run.
+On this machine's 2 quiet cores the full run takes 13 minutes and --quick 6. Most of --quick is fixed cost
+that fewer steps cannot remove: 14 fresh processes, each importing TensorFlow, building its graph and running
+untimed first steps (training ``all`` spends 25 s before its first timed step).
 
 Prints one JSON object on stdout and the tables on stderr. Everything runs on generated data, offline: a
-folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and a stand-in for the pretrained
-checkpoint (slim's names and shapes, calibrated random values). Each stage runs in its own process, so its
+folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and, unless --checkpoint names the
+real one, a stand-in for the pretrained checkpoint (slim's names and shapes, calibrated random values). Speed
+does not depend on the weights; the bf16 agreement does (see ``_fp32_on_rounded_images``). Each stage runs in its own process, so its
 peak resident memory is its own; TensorFlow's import, graph building and the first (graph-optimising) steps
 are kept off the clock. Stages, all at 299x299 and batch 32:
 
@@ -24,7 +27,8 @@ are kept off the clock. Stages, all at 299x299 and batch 32:
   (this reaches into ``finetune.train._build_graph`` to get exactly the graph the trainer runs);
 - ``finetune``: ``finetune train`` itself on the head, then ``finetune export`` of it at fp32 and bf16;
 - ``predict``, ``predict_bf16``: image files through each ``.pb``, as ``finetune predict`` runs them;
-- ``agreement``: ``finetune evaluate`` at fp32 and at bf16 on the validation split, top-1 agreement.
+- ``agreement``: ``finetune evaluate`` at fp32 and at bf16 on the validation split, top-1 agreement, and a
+  control: fp32 on images rounded to bfloat16.
 
 FLOP accounting. The forward pass is counted from the graph (2 x multiply-adds of every convolution; batch
 norm, ReLU, pooling and concatenation are a few percent more and not counted) and comes to about 11.4
@@ -101,6 +105,12 @@ class Work:
 
     root: Path
     settings: Settings
+    pretrained: Path | None = None  # --checkpoint; None: the stand-in
+
+    @property
+    def tag(self) -> str:
+        """Marks what depends on the weights, so that stand-in and real results never mix in one --work."""
+        return "" if self.pretrained is None else "_pretrained"
 
     @property
     def photos(self) -> Path:
@@ -112,14 +122,14 @@ class Work:
 
     @property
     def checkpoint(self) -> Path:
-        return self.root / "pretrained" / "inception_v3.ckpt"
+        return self.pretrained or self.root / "pretrained" / "inception_v3.ckpt"
 
     @property
     def run(self) -> Path:
-        return self.root / "run_logits"
+        return self.root / f"run_logits{self.tag}"
 
     def model(self, precision: str) -> Path:
-        return self.root / f"model_{precision}.pb"
+        return self.root / f"model_{precision}{self.tag}.pb"
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -204,7 +214,7 @@ def stage_prepare(work: Work) -> dict:
         make_image_folder(work.photos, num_classes=CLASSES, images_per_class=per_class, seed=0, min_side=240,
                           max_side=500, png_fraction=0.0, jpeg_quality=90)  # fmt: skip
         (work.photos / ".complete").write_text("")
-    if not work.checkpoint.exists():
+    if work.pretrained is None and not work.checkpoint.exists():
         write_standin_checkpoint(work.checkpoint, seed=0)
     files = [p for p in work.photos.rglob("*.jpg")]
     return {"photos": len(files), "mean_jpeg_kb": round(sum(p.stat().st_size for p in files) / len(files) / 1024, 1)}
@@ -412,6 +422,25 @@ def stage_predict_bf16(work: Work) -> dict:
     return _predict(work, "bf16")
 
 
+def _fp32_on_rounded_images(work: Work) -> dict[str, str]:
+    """The control for the agreement figure: fp32 throughout, but the images rounded to bfloat16 first.
+
+    That rounding (at most 0.4% of a pixel, less than one step of an 8-bit JPEG) is the first of the
+    thousands bf16 makes. How often it alone flips fp32's top-1 says how sensitive the network itself is:
+    the stand-in checkpoint's random weights amplify any small change of the input from block to block,
+    which the pretrained weights do not. Returns the predicted class of each validation image.
+    """
+    from finetune import evaluate
+    from finetune.compat import tf
+    from finetune.dataset import load_dataset
+
+    info = load_dataset(work.dataset)
+    build, restore = evaluate._checkpoint_source(tf.train.latest_checkpoint(str(work.run)), len(info.classes))
+    rounded = lambda images: build(tf.cast(tf.cast(images, tf.bfloat16), tf.float32))  # noqa: E731
+    probabilities, _, paths, _ = evaluate._predict_split(info, "validation", BATCH, IMAGE_SIZE, rounded, restore)
+    return {path: info.classes[index] for path, index in zip(paths, probabilities.argmax(axis=1))}
+
+
 def stage_agreement(work: Work) -> dict:
     """`finetune evaluate` of the run at fp32 and at bf16 on the validation split: how often top-1 agrees."""
     from finetune.config import EvaluateConfig
@@ -426,9 +455,12 @@ def stage_agreement(work: Work) -> dict:
     flips = [{"path": a.path, "fp32": [a.predicted, round(a.confidence, 4)],
               "bf16": [b.predicted, round(b.confidence, 4)]}
              for a, b, agree in zip(fp32, bf16, same) if not agree]  # fmt: skip
+    control = _fp32_on_rounded_images(work)
+    control_same = [control[a.path] == a.predicted for a in fp32]
     return {
         "examples": len(same),
         "top1_agreement": round(sum(same) / len(same), 4),
+        "control_top1_agreement": round(sum(control_same) / len(control_same), 4),
         "max_confidence_difference_where_agreeing": round(max(confidence, default=0.0), 4),
         "disagreements": flips[:10],
         **{f"top1_{p}": round(e.top1, 4) for p, e in runs.items()},
@@ -577,7 +609,8 @@ def table(report: dict) -> str:
     rows.append(("bf16 over fp32: forward / train `all` / predict",
                  f"{speedup['forward']:.2f}x / {speedup['train_all']:.2f}x / {speedup['predict']:.2f}x", "", "", "",
                  ""))  # fmt: skip
-    agrees = f"top-1 agrees on {pct(agreement['top1_agreement'])} of {agreement['examples']}"
+    agrees = (f"top-1 agrees on {pct(agreement['top1_agreement'])} of {agreement['examples']} (control, fp32 "
+              f"on images rounded to bf16: {pct(agreement['control_top1_agreement'])})")
     rows.append(("bf16 vs fp32, `finetune evaluate` on the validation split", agrees, "", "", "", gb("agreement")))
     header = ("stage (299x299, batch 32)", "result (from TFRecords / from memory)", "of the ceiling",
               "TFRecords ÷ memory", "CPU use", "peak RSS, GB")  # fmt: skip
@@ -595,6 +628,7 @@ def table(report: dict) -> str:
 def _run_stage(name: str, work: Work, quick: bool, verbose: bool) -> dict:
     """Runs one stage in a fresh Python process and returns its JSON result."""
     command = [sys.executable, __file__, "--stage", name, "--work", str(work.root)] + (["--quick"] if quick else [])
+    command += ["--checkpoint", str(work.pretrained)] if work.pretrained else []
     started = time.monotonic()
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -603,6 +637,17 @@ def _run_stage(name: str, work: Work, quick: bool, verbose: bool) -> dict:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"{name}: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return result
+
+
+def _pretrained(path: str) -> Path:
+    """--checkpoint as the prefix TensorFlow reads, checked before any stage runs."""
+    from finetune import model
+    from finetune.errors import FinetuneError
+
+    try:
+        return Path(model.open_checkpoint(path).path).resolve()
+    except FinetuneError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def _child(name: str, work: Work) -> int:
@@ -618,22 +663,24 @@ def _child(name: str, work: Work) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and steps, same fields (~3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer images and steps, same fields (6 minutes, not 13)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table on stdout, not the JSON")
     parser.add_argument("--work", help="folder for the photos, dataset and models (default: a temporary one)")
+    parser.add_argument("--checkpoint", help="the pretrained checkpoint to use (default: a generated stand-in)")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES),
                         help="run only these; the summary takes the others from an earlier run in --work")
     parser.add_argument("-v", "--verbose", action="store_true", help="show each stage's own log lines")
     parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # one stage, in this process
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
+    pretrained = _pretrained(args.checkpoint) if args.checkpoint else None
     if args.stage:
-        return _child(args.stage, Work(Path(args.work), settings))
+        return _child(args.stage, Work(Path(args.work), settings, pretrained))
 
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="finetune-benchmark-"))
-    work = Work(root, settings)
+    work = Work(root, settings, pretrained)
     # Each stage's result is kept, so that --stages can rerun some and summarise with the others.
-    results = root / ("results-quick" if args.quick else "results-full")
+    results = root / (("results-quick" if args.quick else "results-full") + work.tag.replace("_", "-"))
     results.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     for name in args.stages or STAGES:
@@ -647,6 +694,7 @@ def main() -> int:
         "quick": args.quick,
         "cores": _cores(),
         "cpu_has_bf16": cpu_has_bf16(),
+        "checkpoint": str(pretrained) if pretrained else "stand-in (finetune.synthetic, random weights)",
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.monotonic() - started, 1),
         "stages": stages,
