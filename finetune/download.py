@@ -17,12 +17,17 @@
    it, also through a temporary name. The ``.part`` is deleted: the manifest keeps its digest, so the 100 MB
    tarball is not worth keeping.
 
+Steps 2 to 5 hold an exclusive lock on the destination folder (``flock`` on the folder itself, so no lock
+file is left behind): a second ``finetune download`` into the same folder waits for the first, then finds its
+checkpoint in place. The lock also makes it safe to delete the temporary files a killed run left there.
+
 A checkpoint already in place is replaced only by one that passed every check, so a bad download never
 costs a good checkpoint, and no file under a final name is ever half written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -112,6 +117,20 @@ def download(config: DownloadConfig) -> DownloadResult:
             f"--dest {dest}: cannot create the folder ({exc.strerror}); choose another --dest"
         ) from None
 
+    with _exclusive(dest) as waited:
+        if waited and not config.force:
+            # Another download into this folder may have finished while this one waited for the lock.
+            manifest = _present_manifest(checkpoint, manifest_path, model, config.sha256)
+            if manifest is not None:
+                return DownloadResult("present", checkpoint, manifest_path, manifest)
+        _sweep_temporary_files(dest, (checkpoint, manifest_path))
+        return _download_locked(config, model, dest, checkpoint, manifest_path)
+
+
+def _download_locked(
+    config: DownloadConfig, model: PretrainedModel, dest: Path, checkpoint: Path, manifest_path: Path
+) -> DownloadResult:
+    """Steps 2 to 5 of ``download``, with the folder's lock held."""
     if config.url and not _is_web_address(config.url):
         tarball = Path(config.url)
         if not tarball.is_file():
@@ -132,6 +151,39 @@ def download(config: DownloadConfig) -> DownloadResult:
         raise
     part.unlink()
     return DownloadResult("downloaded", checkpoint, manifest_path, manifest, resumed_from)
+
+
+@contextlib.contextmanager
+def _exclusive(dest: Path):
+    """Holds an exclusive lock on the folder ``dest``, waiting (and saying so) while another process has it.
+
+    Yields whether it had to wait.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; concurrent downloads into one folder are not guarded there
+        yield False
+        return
+    descriptor = os.open(dest, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            log.warning(f"waiting for another finetune download into {dest} to finish")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _sweep_temporary_files(dest: Path, finals: tuple[Path, ...]) -> None:
+    """Deletes the temporary files a killed run left beside ``finals`` (only ever called under the lock)."""
+    for final in finals:
+        for stale in dest.glob(f".{final.name}.*.tmp"):
+            log.info(f"deleting {stale}, left by an interrupted download")
+            stale.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- already there

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 from datetime import datetime
@@ -245,6 +246,52 @@ def test_a_local_tarball_is_unpacked_and_a_good_checkpoint_survives_a_bad_downlo
         assert (dest / "inception_v3.manifest.json").read_text() == manifest_text
     code, out, err = _finetune(capsys, dest, url)
     assert code == 0 and "already present, verified" in out
+
+
+def test_temporary_files_left_by_a_killed_run_are_deleted_by_the_next(capsys, dest, tarball, checkpoint_bytes):
+    dest.mkdir()
+    for name in (".inception_v3.ckpt.k1ll3d.tmp", ".inception_v3.manifest.json.k1ll3d.tmp"):
+        (dest / name).write_bytes(b"half written")
+    (dest / "notes.txt").write_text("the user's own file")
+    code, _, err = _finetune(capsys, dest, str(tarball))
+    assert code == 0, err
+    assert sorted(p.name for p in dest.iterdir()) == ["inception_v3.ckpt", "inception_v3.manifest.json", "notes.txt"]
+    assert (dest / MODEL.member).read_bytes() == checkpoint_bytes
+
+
+def test_a_second_download_into_the_same_folder_waits_for_the_first(dest, tarball, checkpoint_bytes):
+    import fcntl
+    import subprocess
+    import sys
+    import threading
+
+    dest.mkdir()
+    holder = os.open(dest, os.O_RDONLY)  # stands in for a first download: it holds the folder's lock
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    second = subprocess.Popen([sys.executable, "-m", "finetune", "download", "--dest", str(dest), "--url",
+                               str(tarball)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    waiting = threading.Event()
+    lines: list[str] = []
+
+    def read_stderr():
+        for line in second.stderr:
+            lines.append(line)
+            if "waiting for another finetune download" in line:
+                waiting.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert waiting.wait(timeout=120), "".join(lines)
+        assert second.poll() is None and not (dest / MODEL.member).exists()
+    finally:
+        os.close(holder)  # the first one finishes
+    out = second.stdout.read()
+    assert second.wait(timeout=120) == 0, "".join(lines)
+    reader.join(timeout=10)
+    assert "unpacked and verified" in out
+    assert (dest / MODEL.member).read_bytes() == checkpoint_bytes
+    assert lines[0].startswith(f"warning: waiting for another finetune download into {dest}"), lines
 
 
 def test_a_checkpoint_changed_after_its_manifest_was_written_is_fetched_again(
