@@ -1,6 +1,6 @@
 """Head-only training with and without the feature cache, on generated data, at 299x299. Prints JSON.
 
-    python scripts/bench_feature_cache.py            # 2,000 images, 10 epochs (about 15 minutes here)
+    python scripts/bench_feature_cache.py            # 2,000 images, 10 epochs (27 minutes here)
     python scripts/bench_feature_cache.py --quick    # 250 images, 3 epochs
 
 Measures the wall time of each `finetune train` run (planning, extraction or the whole network per step,

@@ -13,8 +13,8 @@ untimed first steps (training ``all`` spends 25 s before its first timed step).
 Prints one JSON object on stdout and the tables on stderr. Everything runs on generated data, offline: a
 folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and, unless --checkpoint names the
 real one, a stand-in for the pretrained checkpoint (slim's names and shapes, calibrated random values). Speed
-does not depend on the weights; the bf16 agreement does (see ``_fp32_on_rounded_images``). Each stage runs in its own process, so its
-peak resident memory is its own; TensorFlow's import, graph building and the first (graph-optimising) steps
+does not depend on the weights; the bf16 agreement does (see ``_sensitivity``). Each stage runs in its own
+process, so its peak resident memory is its own; TensorFlow's import, graph building and the first (graph-optimising) steps
 are kept off the clock. Stages, all at 299x299 and batch 32:
 
 - ``ceiling``: 4096x4096 matmuls in TensorFlow, float32 and bfloat16, GFLOP/s;
@@ -28,7 +28,7 @@ are kept off the clock. Stages, all at 299x299 and batch 32:
 - ``finetune``: ``finetune train`` itself on the head, then ``finetune export`` of it at fp32 and bf16;
 - ``predict``, ``predict_bf16``: image files through each ``.pb``, as ``finetune predict`` runs them;
 - ``agreement``: ``finetune evaluate`` at fp32 and at bf16 on the validation split, top-1 agreement, and a
-  control: fp32 on images rounded to bfloat16.
+  control: fp32 on images rounded to bfloat16, with how far each moves the features.
 
 FLOP accounting. The forward pass is counted from the graph (2 x multiply-adds of every convolution; batch
 norm, ReLU, pooling and concatenation are a few percent more and not counted) and comes to about 11.4
@@ -59,6 +59,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 IMAGE_SIZE = 299
 BATCH = 32
@@ -422,23 +424,46 @@ def stage_predict_bf16(work: Work) -> dict:
     return _predict(work, "bf16")
 
 
-def _fp32_on_rounded_images(work: Work) -> dict[str, str]:
-    """The control for the agreement figure: fp32 throughout, but the images rounded to bfloat16 first.
+def _sensitivity(work: Work) -> dict:
+    """The control for the agreement figure, and how far the features move under bf16 and under the control.
 
-    That rounding (at most 0.4% of a pixel, less than one step of an 8-bit JPEG) is the first of the
-    thousands bf16 makes. How often it alone flips fp32's top-1 says how sensitive the network itself is:
-    the stand-in checkpoint's random weights amplify any small change of the input from block to block,
-    which the pretrained weights do not. Returns the predicted class of each validation image.
+    The control runs fp32 throughout on images rounded to bfloat16 first: a change of at most 0.4% of a
+    pixel, less than one step of an 8-bit JPEG, and the first of the thousands of roundings bf16 makes. How
+    often it alone flips fp32's top-1, and how far it moves the features (the final pool) against how far
+    bf16 moves them, say how much the network itself amplifies small changes of its input. The stand-in
+    checkpoint's random weights amplify them block by block.
     """
     from finetune import evaluate
     from finetune.compat import tf
     from finetune.dataset import load_dataset
 
     info = load_dataset(work.dataset)
-    build, restore = evaluate._checkpoint_source(tf.train.latest_checkpoint(str(work.run)), len(info.classes))
-    rounded = lambda images: build(tf.cast(tf.cast(images, tf.bfloat16), tf.float32))  # noqa: E731
-    probabilities, _, paths, _ = evaluate._predict_split(info, "validation", BATCH, IMAGE_SIZE, rounded, restore)
-    return {path: info.classes[index] for path, index in zip(paths, probabilities.argmax(axis=1))}
+    checkpoint, classes = tf.train.latest_checkpoint(str(work.run)), len(info.classes)
+    runs = {}
+    for name, dtype, rounded in (("fp32", "float32", False), ("control", "float32", True), ("bf16", "bfloat16", False)):
+        _, restore = evaluate._checkpoint_source(checkpoint, classes, dtype)
+
+        def outputs(images, dtype=dtype, rounded=rounded):
+            # _predict_split fetches one tensor a batch: the probabilities and the features side by side.
+            from finetune import model
+
+            images = tf.cast(tf.cast(images, tf.bfloat16), tf.float32) if rounded else images
+            net = model.build(images, classes, compute_dtype=dtype)
+            return tf.concat([net.probabilities, net.features], axis=1)
+
+        values, _, paths, _ = evaluate._predict_split(info, "validation", BATCH, IMAGE_SIZE, outputs, restore)
+        runs[name] = (paths, values[:, :classes], values[:, classes:])
+    paths, probabilities, features = runs["fp32"]
+
+    def change(name: str) -> float:
+        return round(float(np.linalg.norm(runs[name][2] - features) / np.linalg.norm(features)), 4)
+
+    return {
+        "control_predictions": {path: info.classes[i] for path, i in zip(runs["control"][0],
+                                                                           runs["control"][1].argmax(axis=1))},
+        "feature_change_control": change("control"),
+        "feature_change_bf16": change("bf16"),
+    }
 
 
 def stage_agreement(work: Work) -> dict:
@@ -455,12 +480,14 @@ def stage_agreement(work: Work) -> dict:
     flips = [{"path": a.path, "fp32": [a.predicted, round(a.confidence, 4)],
               "bf16": [b.predicted, round(b.confidence, 4)]}
              for a, b, agree in zip(fp32, bf16, same) if not agree]  # fmt: skip
-    control = _fp32_on_rounded_images(work)
+    sensitivity = _sensitivity(work)
+    control = sensitivity.pop("control_predictions")
     control_same = [control[a.path] == a.predicted for a in fp32]
     return {
         "examples": len(same),
         "top1_agreement": round(sum(same) / len(same), 4),
         "control_top1_agreement": round(sum(control_same) / len(control_same), 4),
+        **sensitivity,
         "max_confidence_difference_where_agreeing": round(max(confidence, default=0.0), 4),
         "disagreements": flips[:10],
         **{f"top1_{p}": round(e.top1, 4) for p, e in runs.items()},
@@ -609,8 +636,10 @@ def table(report: dict) -> str:
     rows.append(("bf16 over fp32: forward / train `all` / predict",
                  f"{speedup['forward']:.2f}x / {speedup['train_all']:.2f}x / {speedup['predict']:.2f}x", "", "", "",
                  ""))  # fmt: skip
-    agrees = (f"top-1 agrees on {pct(agreement['top1_agreement'])} of {agreement['examples']} (control, fp32 "
-              f"on images rounded to bf16: {pct(agreement['control_top1_agreement'])})")
+    agrees = (f"top-1 agrees on {pct(agreement['top1_agreement'])} of {agreement['examples']}; control, fp32 on "
+              f"images rounded to bf16: {pct(agreement['control_top1_agreement'])}; the features move "
+              f"{pct(agreement['feature_change_bf16'])} under bf16, {pct(agreement['feature_change_control'])} "
+              "under the control")
     rows.append(("bf16 vs fp32, `finetune evaluate` on the validation split", agrees, "", "", "", gb("agreement")))
     header = ("stage (299x299, batch 32)", "result (from TFRecords / from memory)", "of the ceiling",
               "TFRecords ÷ memory", "CPU use", "peak RSS, GB")  # fmt: skip
