@@ -164,7 +164,12 @@ def _exclusive(dest: Path):
     except ImportError:  # Windows: no flock; concurrent downloads into one folder are not guarded there
         yield False
         return
-    descriptor = os.open(dest, os.O_RDONLY)
+    try:
+        descriptor = os.open(dest, os.O_RDONLY)
+    except OSError as exc:
+        log.debug(f"cannot lock {dest} ({exc.strerror}); carrying on unguarded")
+        yield False
+        return
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,6 +178,9 @@ def _exclusive(dest: Path):
             log.warning(f"waiting for another finetune download into {dest} to finish")
             fcntl.flock(descriptor, fcntl.LOCK_EX)
             waited = True
+        except OSError as exc:  # a file system without locks (some network mounts)
+            log.debug(f"cannot lock {dest} ({exc.strerror}); carrying on unguarded")
+            waited = False
         yield waited
     finally:
         os.close(descriptor)  # releases the lock
