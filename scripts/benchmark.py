@@ -13,9 +13,9 @@ untimed first steps (training ``all`` spends 25 s before its first timed step).
 Prints one JSON object on stdout and the tables on stderr. Everything runs on generated data, offline: a
 folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and, unless --checkpoint names the
 real one, a stand-in for the pretrained checkpoint (slim's names and shapes, calibrated random values). Speed
-does not depend on the weights; the bf16 agreement does (see ``_sensitivity``). Each stage runs in its own
-process, so its peak resident memory is its own; TensorFlow's import, graph building and the first (graph-optimising) steps
-are kept off the clock. Stages, all at 299x299 and batch 32:
+does not depend on the weights; the bf16 agreement does (see ``stage_agreement``). Each stage runs in its
+own process, so its peak resident memory is its own; TensorFlow's import, graph building and the first
+(graph-optimising) steps are kept off the clock. Stages, all at 299x299 and batch 32:
 
 - ``ceiling``: 4096x4096 matmuls in TensorFlow, float32 and bfloat16, GFLOP/s;
 - ``build_dataset``: the photos to TFRecords with every core, images/s;
@@ -27,8 +27,8 @@ are kept off the clock. Stages, all at 299x299 and batch 32:
   (this reaches into ``finetune.train._build_graph`` to get exactly the graph the trainer runs);
 - ``finetune``: ``finetune train`` itself on the head, then ``finetune export`` of it at fp32 and bf16;
 - ``predict``, ``predict_bf16``: image files through each ``.pb``, as ``finetune predict`` runs them;
-- ``agreement``: ``finetune evaluate`` at fp32 and at bf16 on the validation split, top-1 agreement, and a
-  control: fp32 on images rounded to bfloat16, with how far each moves the features.
+- ``agreement``: the eval graph ``finetune evaluate`` builds, at fp32 and at bf16 on the validation split,
+  top-1 agreement, and a control: fp32 on images rounded to bfloat16, with how far each moves the features.
 
 FLOP accounting. The forward pass is counted from the graph (2 x multiply-adds of every convolution; batch
 norm, ReLU, pooling and concatenation are a few percent more and not counted) and comes to about 11.4
@@ -176,8 +176,9 @@ def _records_then_memory(session, fetches, image_tensor, label_tensor, settings:
     """Steps a graph from its TFRecord reader, then from one batch fed in place of the reader's output.
 
     Feeding the reader's output tensors cuts the reader out of the step: the same graph and session run,
-    with the input pipeline idle (the feed copies the 34 MB batch each step, about 1% of a step here). Each phase starts with untimed steps, so the TFRecord phase is timed in its
-    steady state and the memory phase after the reader's buffers have filled and gone quiet.
+    with the input pipeline idle (the feed copies the 34 MB batch each step, about 1% of a step here). Each
+    phase starts with untimed steps, so the TFRecord phase is timed in its steady state and the memory phase
+    after the reader's buffers have filled and gone quiet.
     """
     _run_steps(session, fetches, settings.warmup)
     with _Clock() as records:
@@ -424,74 +425,76 @@ def stage_predict_bf16(work: Work) -> dict:
     return _predict(work, "bf16")
 
 
-def _sensitivity(work: Work) -> dict:
-    """The control for the agreement figure, and how far the features move under bf16 and under the control.
+def _validation_outputs(work: Work, info, compute_dtype: str, rounded: bool) -> dict:
+    """The run's newest checkpoint through the eval graph `finetune evaluate` builds, on the validation split.
 
-    The control runs fp32 throughout on images rounded to bfloat16 first: a change of at most 0.4% of a
-    pixel, less than one step of an 8-bit JPEG, and the first of the thousands of roundings bf16 makes. How
-    often it alone flips fp32's top-1, and how far it moves the features (the final pool) against how far
-    bf16 moves them, say how much the network itself amplifies small changes of its input. The stand-in
-    checkpoint's random weights amplify them block by block.
+    Returns paths, labels, probabilities, features (the final pool) and images/s. ``rounded`` rounds the
+    images to bfloat16 before an otherwise unchanged graph: the agreement stage's control.
     """
-    from finetune import evaluate
+    from finetune import evaluate, model
     from finetune.compat import tf
-    from finetune.dataset import load_dataset
 
-    info = load_dataset(work.dataset)
-    checkpoint, classes = tf.train.latest_checkpoint(str(work.run)), len(info.classes)
-    runs = {}
-    for name, dtype, rounded in (("fp32", "float32", False), ("control", "float32", True), ("bf16", "bfloat16", False)):
-        _, restore = evaluate._checkpoint_source(checkpoint, classes, dtype)
+    classes = len(info.classes)
+    _, restore = evaluate._checkpoint_source(tf.train.latest_checkpoint(str(work.run)), classes, compute_dtype)
 
-        def outputs(images, dtype=dtype, rounded=rounded):
-            # _predict_split fetches one tensor a batch: the probabilities and the features side by side.
-            from finetune import model
+    def outputs(images):
+        # _predict_split fetches one tensor a batch: the probabilities and the features side by side.
+        images = tf.cast(tf.cast(images, tf.bfloat16), tf.float32) if rounded else images
+        net = model.build(images, classes, compute_dtype=compute_dtype)
+        return tf.concat([net.probabilities, net.features], axis=1)
 
-            images = tf.cast(tf.cast(images, tf.bfloat16), tf.float32) if rounded else images
-            net = model.build(images, classes, compute_dtype=dtype)
-            return tf.concat([net.probabilities, net.features], axis=1)
-
-        values, _, paths, _ = evaluate._predict_split(info, "validation", BATCH, IMAGE_SIZE, outputs, restore)
-        runs[name] = (paths, values[:, :classes], values[:, classes:])
-    paths, probabilities, features = runs["fp32"]
-
-    def change(name: str) -> float:
-        return round(float(np.linalg.norm(runs[name][2] - features) / np.linalg.norm(features)), 4)
-
-    return {
-        "control_predictions": {path: info.classes[i] for path, i in zip(runs["control"][0],
-                                                                           runs["control"][1].argmax(axis=1))},
-        "feature_change_control": change("control"),
-        "feature_change_bf16": change("bf16"),
-    }
+    values, labels, paths, seconds = evaluate._predict_split(info, "validation", BATCH, IMAGE_SIZE, outputs, restore)
+    return {"paths": paths, "labels": labels, "probabilities": values[:, :classes],
+            "features": values[:, classes:], "images_per_second": len(labels) / seconds}  # fmt: skip
 
 
 def stage_agreement(work: Work) -> dict:
-    """`finetune evaluate` of the run at fp32 and at bf16 on the validation split: how often top-1 agrees."""
-    from finetune.config import EvaluateConfig
-    from finetune.evaluate import evaluate
+    """The eval graph at fp32 and at bf16 on the validation split: how often top-1 agrees, and a control.
 
-    runs = {precision: evaluate(EvaluateConfig(train_dir=str(work.run), batch_size=BATCH, precision=precision))
-            for precision in ("fp32", "bf16")}  # fmt: skip
-    fp32, bf16 = runs["fp32"].predictions, runs["bf16"].predictions
-    same = [a.predicted == b.predicted for a, b in zip(fp32, bf16)]
-    confidence = [abs(a.confidence - b.confidence) for a, b, agree in zip(fp32, bf16, same) if agree]
+    The control runs fp32 throughout on images rounded to bfloat16 first: a change of at most 0.4% of a
+    pixel, less than one step of an 8-bit JPEG, and the first of the thousands of roundings bf16 makes. How
+    often it alone flips fp32's top-1, and how far it moves the features against how far bf16 moves them,
+    say how much the network itself amplifies small changes of its input. The stand-in checkpoint's random
+    weights amplify them block by block.
+    """
+    from finetune.dataset import load_dataset
+
+    info = load_dataset(work.dataset)
+    runs = {name: _validation_outputs(work, info, dtype, rounded)
+            for name, dtype, rounded in (("fp32", "float32", False), ("bf16", "bfloat16", False),
+                                         ("control", "float32", True))}  # fmt: skip
+    fp32 = runs["fp32"]
+    assert all(run["paths"] == fp32["paths"] for run in runs.values()), "the reader's order changed between runs"
+    predicted = {name: run["probabilities"].argmax(axis=1) for name, run in runs.items()}
+    same = predicted["bf16"] == predicted["fp32"]
+    rows = np.arange(len(same))
+
+    def confidence(name: str):
+        return runs[name]["probabilities"][rows, predicted[name]]
+
+    def agreement(name: str) -> float:
+        return round(float((predicted[name] == predicted["fp32"]).mean()), 4)
+
+    def feature_change(name: str) -> float:
+        change = np.linalg.norm(runs[name]["features"] - fp32["features"]) / np.linalg.norm(fp32["features"])
+        return round(float(change), 4)
+
     # A flip between two classes the fp32 model all but ties on says little about bf16; show how close.
-    flips = [{"path": a.path, "fp32": [a.predicted, round(a.confidence, 4)],
-              "bf16": [b.predicted, round(b.confidence, 4)]}
-             for a, b, agree in zip(fp32, bf16, same) if not agree]  # fmt: skip
-    sensitivity = _sensitivity(work)
-    control = sensitivity.pop("control_predictions")
-    control_same = [control[a.path] == a.predicted for a in fp32]
+    flips = [{"path": fp32["paths"][i],
+              "fp32": [info.classes[predicted["fp32"][i]], round(float(confidence("fp32")[i]), 4)],
+              "bf16": [info.classes[predicted["bf16"][i]], round(float(confidence("bf16")[i]), 4)]}
+             for i in np.flatnonzero(~same)]  # fmt: skip
+    differences = np.abs(confidence("fp32") - confidence("bf16"))[same]
     return {
         "examples": len(same),
-        "top1_agreement": round(sum(same) / len(same), 4),
-        "control_top1_agreement": round(sum(control_same) / len(control_same), 4),
-        **sensitivity,
-        "max_confidence_difference_where_agreeing": round(max(confidence, default=0.0), 4),
+        "top1_agreement": agreement("bf16"),
+        "control_top1_agreement": agreement("control"),
+        "feature_change_bf16": feature_change("bf16"),
+        "feature_change_control": feature_change("control"),
+        "max_confidence_difference_where_agreeing": round(float(differences.max(initial=0.0)), 4),
         "disagreements": flips[:10],
-        **{f"top1_{p}": round(e.top1, 4) for p, e in runs.items()},
-        **{f"evaluate_images_per_second_{p}": round(e.images_per_second, 2) for p, e in runs.items()},
+        **{f"top1_{p}": round(float((predicted[p] == fp32["labels"]).mean()), 4) for p in ("fp32", "bf16")},
+        **{f"evaluate_images_per_second_{p}": round(runs[p]["images_per_second"], 2) for p in ("fp32", "bf16")},
     }
 
 
@@ -640,7 +643,7 @@ def table(report: dict) -> str:
               f"images rounded to bf16: {pct(agreement['control_top1_agreement'])}; the features move "
               f"{pct(agreement['feature_change_bf16'])} under bf16, {pct(agreement['feature_change_control'])} "
               "under the control")
-    rows.append(("bf16 vs fp32, `finetune evaluate` on the validation split", agrees, "", "", "", gb("agreement")))
+    rows.append(("bf16 vs fp32, the eval graph on the validation split", agrees, "", "", "", gb("agreement")))
     header = ("stage (299x299, batch 32)", "result (from TFRecords / from memory)", "of the ceiling",
               "TFRecords ÷ memory", "CPU use", "peak RSS, GB")  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
