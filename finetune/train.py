@@ -488,11 +488,7 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
             validation = (val_iterator.initializer, correct, tf.size(val_batch["label"]))
             validate = functools.partial(_validate, validation=validation)
 
-        zero_head = [
-            v.assign(tf.zeros_like(v))
-            for v in model.model_variables()
-            if model.in_scopes(v.op.name, _ZERO_INIT_LAYERS) and model.in_scopes(v.op.name, plan.exclude_scopes)
-        ]
+        zero_head = _zero_head(plan)
         saver = tf.compat.v1.train.Saver(max_to_keep=plan.keep_checkpoints, save_relative_paths=True)
         restore_variables = model.variables_to_restore(plan.exclude_scopes) if plan.checkpoint else []
     return _Graph(
@@ -543,6 +539,20 @@ def _cached_features(plan: Plan) -> _FeatureTables:
         validation_labels=np.array([e.label for e in validation], np.int64) if validation else None,
         report=asdict(report),
     )
+
+
+def _zero_head(plan: Plan) -> list:
+    """Ops that zero the new classifier layers: those of _ZERO_INIT_LAYERS the checkpoint does not restore.
+
+    A layer restored from the checkpoint (a head trained by an earlier run) keeps its values.
+    """
+    from finetune.compat import tf
+
+    return [
+        v.assign(tf.zeros_like(v))
+        for v in model.model_variables()
+        if model.in_scopes(v.op.name, _ZERO_INIT_LAYERS) and model.in_scopes(v.op.name, plan.exclude_scopes)
+    ]
 
 
 def _build_cached_graph(plan: Plan, start_step: int, tables: _FeatureTables) -> _Graph:
@@ -623,7 +633,7 @@ def _build_cached_graph(plan: Plan, start_step: int, tables: _FeatureTables) -> 
                 session.run(initializer, feed)
             session.run(iterator.initializer)
 
-        zero_head = [weights.assign(tf.zeros_like(weights)), biases.assign(tf.zeros_like(biases))]
+        zero_head = _zero_head(plan)
         saver = tf.compat.v1.train.Saver(max_to_keep=plan.keep_checkpoints, save_relative_paths=True)
         restore_variables = model.variables_to_restore(plan.exclude_scopes)
     return _Graph(graph, train_op, loss, accuracy, learning_rate, global_step, saver, zero_head,

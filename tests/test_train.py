@@ -212,6 +212,12 @@ def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, standin_checkpo
     name = "InceptionV3/Logits/Conv2d_1c_1x1/weights"
     first, second = _variables(head.checkpoint)[name], _variables(deeper.checkpoint)[name]
     assert np.abs(first).max() > 5e-3 and np.abs(second - first).max() < 5e-4
+    # A head-only run from the first one (the cached path again) also starts from its trained head, not
+    # from zero: one adam step at 1e-3 moves a weight by about 1e-3 at most.
+    again = train(_config(dataset, tmp_path / "again", tmp_path / "head", steps=1))
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["feature_cache"] is True
+    third = _variables(again.checkpoint)[name]
+    assert np.abs(third - first).max() < 2e-3
 
 
 @pytest.mark.slow
