@@ -15,6 +15,19 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_feature_cache(tmp_path_factory):
+    """The feature cache of every run in the suite, subprocesses included, lives in a temporary folder:
+    never the user's ~/.cache, and never features left there by an earlier run of the suite."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """An in-process cli.main sets the finetune logger's level and handler; each test starts as it found it."""
