@@ -17,9 +17,9 @@
    it, also through a temporary name. The ``.part`` is deleted: the manifest keeps its digest, so the 100 MB
    tarball is not worth keeping.
 
-Steps 2 to 5 hold an exclusive lock on the destination folder (``flock`` on the folder itself, so no lock
-file is left behind): a second ``finetune download`` into the same folder waits for the first, then finds its
-checkpoint in place. The lock also makes it safe to delete the temporary files a killed run left there.
+All of it runs under an exclusive lock on the destination folder (``flock`` on the folder itself, so no
+lock file is left behind): a second ``finetune download`` into the same folder waits for the first, then
+finds its checkpoint in place. The lock also makes it safe to delete the temporary files a killed run left there.
 
 A checkpoint already in place is replaced only by one that passed every check, so a bad download never
 costs a good checkpoint, and no file under a final name is ever half written.
@@ -106,10 +106,6 @@ def download(config: DownloadConfig) -> DownloadResult:
     dest = Path(config.dest)
     checkpoint = dest / model.member
     manifest_path = manifest_path_for(dest, model)
-    if not config.force:
-        manifest = _present_manifest(checkpoint, manifest_path, model, config.sha256)
-        if manifest is not None:
-            return DownloadResult("present", checkpoint, manifest_path, manifest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -117,9 +113,9 @@ def download(config: DownloadConfig) -> DownloadResult:
             f"--dest {dest}: cannot create the folder ({exc.strerror}); choose another --dest"
         ) from None
 
-    with _exclusive(dest) as waited:
-        if waited and not config.force:
-            # Another download into this folder may have finished while this one waited for the lock.
+    with _exclusive(dest):
+        # Checked under the lock: another download into this folder may have just put the checkpoint there.
+        if not config.force:
             manifest = _present_manifest(checkpoint, manifest_path, model, config.sha256)
             if manifest is not None:
                 return DownloadResult("present", checkpoint, manifest_path, manifest)
@@ -130,8 +126,8 @@ def download(config: DownloadConfig) -> DownloadResult:
 def _download_locked(
     config: DownloadConfig, model: PretrainedModel, dest: Path, checkpoint: Path, manifest_path: Path
 ) -> DownloadResult:
-    """Steps 2 to 5 of ``download``, with the folder's lock held."""
-    if config.url and not _is_web_address(config.url):
+    """Steps 2 to 5 of ``download``, with the folder's lock held and no verified checkpoint in place."""
+    if config.url and not is_web_address(config.url):
         tarball = Path(config.url)
         if not tarball.is_file():
             raise DownloadError(
@@ -157,33 +153,29 @@ def _download_locked(
 def _exclusive(dest: Path):
     """Holds an exclusive lock on the folder ``dest``, waiting (and saying so) while another process has it.
 
-    Yields whether it had to wait.
+    Where the folder cannot be locked (Windows has no flock, some network mounts refuse it) the download runs
+    unguarded.
     """
     try:
         import fcntl
-    except ImportError:  # Windows: no flock; concurrent downloads into one folder are not guarded there
-        yield False
+    except ImportError:
+        yield
         return
+    descriptor = None
     try:
         descriptor = os.open(dest, os.O_RDONLY)
-    except OSError as exc:
-        log.debug(f"cannot lock {dest} ({exc.strerror}); carrying on unguarded")
-        yield False
-        return
-    try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            waited = False
         except BlockingIOError:
             log.warning(f"waiting for another finetune download into {dest} to finish")
             fcntl.flock(descriptor, fcntl.LOCK_EX)
-            waited = True
-        except OSError as exc:  # a file system without locks (some network mounts)
-            log.debug(f"cannot lock {dest} ({exc.strerror}); carrying on unguarded")
-            waited = False
-        yield waited
+    except OSError as exc:
+        log.debug(f"cannot lock {dest} ({exc.strerror}); carrying on unguarded")
+    try:
+        yield
     finally:
-        os.close(descriptor)  # releases the lock
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
 
 
 def _sweep_temporary_files(dest: Path, finals: tuple[Path, ...]) -> None:
@@ -239,7 +231,8 @@ class _Transient(Exception):
     """A failure worth retrying: a 5xx answer, no answer in time, a connection lost mid-body."""
 
 
-def _is_web_address(url: str) -> bool:
+def is_web_address(url: str) -> bool:
+    """Whether --url names an http(s) address rather than a local tarball."""
     return urlsplit(url).scheme in ("http", "https")
 
 
