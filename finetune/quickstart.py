@@ -30,7 +30,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
-from urllib.parse import urlsplit
 
 from finetune.config import (
     BuildDatasetConfig,
@@ -168,23 +167,19 @@ def _refuse_foreign(folder: Path, mark: str, workdir: Path) -> None:
         )
 
 
-def _is_web_address(url: str) -> bool:
-    return urlsplit(url).scheme in ("http", "https")
-
-
 # ------------------------------------------------------------------------------------------------ stages
 
 
 def _checkpoint(config: QuickstartConfig, layout: _Layout) -> tuple[Path, str | None]:
     """The pretrained checkpoint (verified, fetched if need be), or the random stand-in and why."""
-    from finetune.download import download
+    from finetune.download import download, is_web_address
 
     request = DownloadConfig(dest=str(layout.checkpoints), url=config.url, timeout=DOWNLOAD_TIMEOUT_SECONDS,
                              retries=0)  # fmt: skip
     try:
         return download(request).checkpoint, None
     except DownloadError as exc:
-        if config.url and not _is_web_address(config.url):
+        if config.url and not is_web_address(config.url):
             raise  # a tarball the user named is a file that must be right, not a network to do without
         reason = str(exc).split("; ")[0]  # the problem; the fixes that follow are `finetune download`'s
     log.warning(
