@@ -705,9 +705,9 @@ def main() -> int:
     parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # one stage, in this process
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
+    if args.stage:  # a stage's process, given the --checkpoint its parent checked
+        return _child(args.stage, Work(Path(args.work), settings, Path(args.checkpoint) if args.checkpoint else None))
     pretrained = _pretrained(args.checkpoint) if args.checkpoint else None
-    if args.stage:
-        return _child(args.stage, Work(Path(args.work), settings, pretrained))
 
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="finetune-benchmark-"))
     work = Work(root, settings, pretrained)
