@@ -450,7 +450,8 @@ def _fingerprint(classes: tuple[str, ...], assigned: dict[str, list[_Image]]) ->
     rows = sorted((split, image.path, image.label, image.stored_sha256) for split, images in assigned.items()
                   for image in images)  # fmt: skip
     for split, path, label, stored_sha256 in rows:
-        digest.update(f"{split}\t{label}\t{path}\t{stored_sha256}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 digests as its own bytes; UTF-8 names are unchanged.
+        digest.update(f"{split}\t{label}\t{path}\t{stored_sha256}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -197,7 +197,8 @@ def _predict_split(info, split: str, batch_size: int, image_size: int, build_pro
         raise FinetuneError(f"the {split} split of {info.root} yielded no examples; rebuild the dataset")
     probabilities = np.concatenate([o[0] for o in outputs])
     labels = np.concatenate([o[1] for o in outputs]).astype(np.int64)
-    paths = [p.decode() for o in outputs for p in o[2]]
+    # For reports and messages only; a file name that is not UTF-8 shows its odd bytes as U+FFFD.
+    paths = [p.decode("utf-8", "replace") for o in outputs for p in o[2]]
     return probabilities, labels, paths, seconds
 
 

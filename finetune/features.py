@@ -120,7 +120,7 @@ class Example:
 
     image_sha256: bytes
     label: int
-    path: str
+    path: bytes  # as the record stores it: file names need not be UTF-8
 
 
 def scan_split(info, split: str) -> list[Example]:
@@ -134,7 +134,7 @@ def scan_split(info, split: str) -> list[Example]:
             examples.append(Example(
                 image_sha256=hashlib.sha256(feature["image/encoded"].bytes_list.value[0]).digest(),
                 label=int(feature["image/class/label"].int64_list.value[0]),
-                path=feature["image/filename"].bytes_list.value[0].decode(),
+                path=feature["image/filename"].bytes_list.value[0],
             ))  # fmt: skip
     return examples
 

@@ -502,7 +502,7 @@ class _FeatureTables:
     """Cached features laid out for training: the train split in file order, views along axis 1."""
 
     train: np.ndarray  # [examples, views, 2048]
-    train_paths: list[str]  # each row's relative path, which the record stream maps back to the row
+    train_paths: list[bytes]  # each row's relative path, which the record stream maps back to the row
     validation: np.ndarray | None  # [examples, 2048]
     validation_labels: np.ndarray | None
     report: dict

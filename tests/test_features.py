@@ -4,6 +4,7 @@ checkpoint it writes works everywhere, and the cache recomputes exactly what cha
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -38,6 +39,25 @@ def _config(root, standin, name, **overrides) -> TrainConfig:
                     image_size=75, batch_size=8, steps=6, eval_every=3, cache_dir=str(root / "cache"))  # fmt: skip
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+@pytest.mark.slow
+def test_a_file_name_that_is_not_utf8_trains_on_the_cached_path(photos_and_dataset, standin_checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(photos_and_dataset / "photos", photos)
+    image = next((photos / "discs").iterdir())
+    os.rename(bytes(image), os.path.join(os.fsencode(image.parent), b"caf\xe9.jpg"))  # Latin-1, as old cameras
+    dataset = tmp_path / "ds"
+    # All in the train split: the renamed file is cached and looked up by its name, then evaluated and reported.
+    result = run_cli("build-dataset", str(photos), "--out", str(dataset), "--workers", "1",
+                     "--validation-fraction", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trained = train(_config(photos_and_dataset, standin_checkpoint, "latin1", dataset=str(dataset),
+                            train_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), eval_every=0,
+                            feature_cache="on", steps=2))  # fmt: skip
+    assert trained.status == "completed" and trained.feature_cache["computed"] == 48
+    evaluation = evaluate(EvaluateConfig(train_dir=str(tmp_path / "run"), split="train"))
+    assert "discs/caf\ufffd.jpg" in [p.path for p in evaluation.predictions]
 
 
 def _tensor(checkpoint, name):
@@ -81,7 +101,7 @@ def test_cached_checkpoint_predicts_like_the_cached_head_through_evaluate_and_ex
     by_hand /= by_hand.sum(1, keepdims=True)
     # ...equals evaluate on the whole-network checkpoint, and the exported graph.
     evaluation = evaluate(EvaluateConfig(train_dir=str(root / "cached-export")))
-    assert [p.path for p in evaluation.predictions] == [e.path for e in examples]
+    assert [p.path for p in evaluation.predictions] == [e.path.decode() for e in examples]
     assert [p.predicted for p in evaluation.predictions] == [evaluation.classes[i] for i in by_hand.argmax(1)]
     np.testing.assert_allclose([p.confidence for p in evaluation.predictions], by_hand.max(1), atol=1e-5)
     from finetune.export import export
