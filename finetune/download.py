@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 
 from finetune import __version__
 from finetune.errors import CheckpointError, DownloadError
+from finetune.files import write_text_atomically
 from finetune.pretrained import PRETRAINED, PretrainedModel
 from finetune.progress import Progress
 
@@ -454,7 +455,7 @@ def _install(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     text = json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True)
-    _write_atomically(manifest_path, text + "\n")
+    write_text_atomically(manifest_path, text + "\n")
     log.debug(f"{checkpoint}: {variables} variables, sha256 {checkpoint_sha256}")
     return manifest
 
@@ -580,15 +581,3 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise

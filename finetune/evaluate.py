@@ -20,6 +20,7 @@ import numpy as np
 
 from finetune.config import EvaluateConfig
 from finetune.errors import FinetuneError
+from finetune.files import write_text_atomically
 
 log = logging.getLogger("finetune")
 
@@ -328,9 +329,7 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
     png = report.with_suffix(".png")
     evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
     evaluation.report = str(report)
-    temporary = report.with_name(report.name + ".tmp")
-    temporary.write_text(json.dumps(asdict(evaluation), indent=2) + "\n")
-    os.replace(temporary, report)
+    write_text_atomically(report, json.dumps(asdict(evaluation), indent=2) + "\n")
     return evaluation
 
 

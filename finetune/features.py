@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune import model
+from finetune.files import write_text_atomically
 
 log = logging.getLogger("finetune")
 
@@ -81,9 +82,7 @@ class FeatureCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         about = self.directory / "group.json"
         if not about.exists():
-            temporary = about.with_name(f".group.{uuid.uuid4().hex}.tmp")
-            temporary.write_text(json.dumps(description, indent=2) + "\n")
-            os.replace(temporary, about)
+            write_text_atomically(about, json.dumps(description, indent=2) + "\n")
         self._rows: dict[bytes, np.ndarray] = {}
         for part in sorted(self.directory.glob("part-*.npz")):
             with np.load(part) as data:

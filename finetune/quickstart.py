@@ -41,6 +41,7 @@ from finetune.config import (
     TrainConfig,
 )
 from finetune.errors import DownloadError, EmptySplitError, FinetuneError
+from finetune.files import write_text_atomically
 
 if TYPE_CHECKING:
     from finetune.dataset import BuildResult
@@ -238,9 +239,7 @@ def _build(config: QuickstartConfig, layout: _Layout) -> BuildResult:
 
 def _write_predictions(path: Path, model: str, pretrained: bool, predictions: list[PhotoPrediction]) -> None:
     document = {"model": model, "pretrained": pretrained, "predictions": [asdict(p) for p in predictions]}
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(document, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- the run

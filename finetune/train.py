@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-import os
 import resource
 import shutil
 import signal
@@ -29,6 +28,7 @@ from finetune import __version__, model, precision
 from finetune.config import DEFAULT_LEARNING_RATES, TrainConfig
 from finetune.errors import FinetuneError
 from finetune.features import default_cache_dir
+from finetune.files import write_text_atomically
 
 log = logging.getLogger("finetune")
 
@@ -281,9 +281,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json_atomically(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _clear_run(train_dir: Path) -> None:

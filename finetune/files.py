@@ -1,0 +1,25 @@
+"""Writing a file so that it is never seen half written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path`` (``.<name>.*.tmp``) and renames it into place.
+
+    A reader sees the old file or the new one, never a part; a failure or an interrupt removes the
+    temporary file. Concurrent writers each use a temporary file of their own, and the last rename wins.
+    """
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
