@@ -245,7 +245,9 @@ def test_run_records_config_and_tensorboard_scalars(dataset, standin_checkpoint,
 def test_class_weights_and_the_imbalance_warning():
     weights = _auto_class_weights([40, 10, 10])
     assert weights == pytest.approx((0.5, 2.0, 2.0))  # inverse frequency, averaging 1 over the examples
-    assert sum(w * c for w, c in zip(weights, [40, 10, 10])) == pytest.approx(60)
+    # Averaging 1 over the examples holds for any counts, not just those above (where it follows from them).
+    uneven = [37, 12, 5]
+    assert sum(w * c for w, c in zip(_auto_class_weights(uneven), uneven)) == pytest.approx(sum(uneven))
     assert imbalance_warning((40, 10, 13), weighted=False) == (
         "classes are imbalanced: the largest has 40 training examples, the smallest 10; "
         "consider --class-weights auto"
