@@ -165,7 +165,7 @@ def extract(
     transform, an integer k augmented view k of each image.
     """
     from finetune.compat import tf
-    from finetune.dataset import pipeline_options, record_stream, transform_record
+    from finetune.dataset import default_workers, pipeline_options, record_stream, transform_record
     from finetune.progress import Progress
 
     plans = []
@@ -192,7 +192,7 @@ def extract(
                     tf.data.Dataset.zip(records, wanted)
                     .filter(lambda record, extra: extra[0])
                     .map(lambda record, extra, prepare=prepare: prepare(record, extra[1]),
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                         num_parallel_calls=default_workers(), deterministic=True)
                 )  # fmt: skip
                 wanted_keys += [key for key, m in zip(keys, missing) if m]
             # One pipeline and one network for every pass: batches may straddle passes, order is kept.
