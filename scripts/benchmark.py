@@ -203,6 +203,25 @@ def _records_then_memory(session, fetches, image_tensor, label_tensor, settings:
     }
 
 
+class _closing:
+    """Closes a session on leaving the block and times it (``seconds``), the end a run pays for.
+
+    Closing destroys the input pipeline's iterator; with tf.data's autotuning on, that could wait 10 to 23 s
+    for the autotuning thread (see ``finetune.dataset.pipeline_options``), so the figure is kept.
+    """
+
+    def __init__(self, session) -> None:
+        self._session, self.seconds = session, 0.0
+
+    def __enter__(self) -> "_closing":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        started = time.perf_counter()
+        self._session.close()
+        self.seconds = round(time.perf_counter() - started, 2)
+
+
 def _reader_outputs(graph):
     """The image and label tensors of a graph's first tf.data iterator (the training or eval reader)."""
     get_next = next(op for op in graph.get_operations() if op.type == "IteratorGetNext")
@@ -317,12 +336,14 @@ def _forward(work: Work, precision: str) -> dict:
         batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
         net = model.build(batch["image"], CLASSES, compute_dtype=compute.dtype)
         variables = model.variables_to_restore(model.HEAD_SCOPES)
-        with tf.compat.v1.Session(config=_session_config()) as session:
+        session = tf.compat.v1.Session(config=_session_config())
+        with _closing(session) as closed:
             session.run(tf.compat.v1.global_variables_initializer())
             model.restore(session, variables, model.open_checkpoint(work.checkpoint))
             image, _ = _reader_outputs(graph)
-            return _records_then_memory(session, net.probabilities, image, None, work.settings,
-                                        work.settings.forward_steps)  # fmt: skip
+            result = _records_then_memory(session, net.probabilities, image, None, work.settings,
+                                          work.settings.forward_steps)  # fmt: skip
+    return {**result, "close_seconds": closed.seconds}
 
 
 def stage_forward(work: Work) -> dict:
@@ -365,15 +386,17 @@ def _train(work: Work, preset: str, precision: str) -> dict:
     plan = train.plan_training(config)
     built = train._build_graph(plan, start_step=0)
     fetches = [built.train_op, built.loss, built.accuracy, built.learning_rate]  # what the trainer fetches
-    with built.graph.as_default(), tf.compat.v1.Session(config=train._session_config(plan)) as session:
-        session.run(tf.compat.v1.global_variables_initializer())
-        model.restore(session, built.restore_variables, model.open_checkpoint(work.checkpoint))
-        session.run(built.zero_head)
-        image, label = _reader_outputs(built.graph)
-        steps = work.settings.train_steps[preset]
-        result = _records_then_memory(session, fetches, image, label, work.settings, steps)
-    result.update(trainable_scopes=list(plan.trainable_scopes), augment=plan.augment,
-                  compute_dtype=plan.compute_dtype)  # fmt: skip
+    with built.graph.as_default():
+        session = tf.compat.v1.Session(config=train._session_config(plan))
+        with _closing(session) as closed:
+            session.run(tf.compat.v1.global_variables_initializer())
+            model.restore(session, built.restore_variables, model.open_checkpoint(work.checkpoint))
+            session.run(built.zero_head)
+            image, label = _reader_outputs(built.graph)
+            steps = work.settings.train_steps[preset]
+            result = _records_then_memory(session, fetches, image, label, work.settings, steps)
+    result.update(close_seconds=closed.seconds, trainable_scopes=list(plan.trainable_scopes),
+                  augment=plan.augment, compute_dtype=plan.compute_dtype)  # fmt: skip
     return result
 
 
@@ -742,6 +765,7 @@ def _run_stage(name: str, work: Work, pages: np.ndarray, verbose: bool) -> dict:
                     ctypes.string_at(address, 1)
                 result = STAGES[name](work)
                 result["peak_memory_mb"] = _peak_memory_mb()
+                result["stage_seconds"] = round(time.monotonic() - started, 1)  # graphs built, steps, all
                 with os.fdopen(write_end, "w") as pipe:
                     pipe.write(json.dumps(result))
                 status = 0
