@@ -169,8 +169,13 @@ def _latest_step(checkpoint: str) -> int | None:
     return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
 
 
-def _predict_split(info, split: str, batch_size: int, image_size: int, build_probabilities, restore):
-    """Runs the split once through a graph; returns probabilities, labels, paths, seconds."""
+def predict_split(info, split: str, batch_size: int, image_size: int, build_probabilities, restore):
+    """Runs the split once through a graph; returns probabilities, labels, paths, seconds.
+
+    ``build_probabilities`` maps the batch of preprocessed images to the tensor fetched per batch (from
+    :func:`checkpoint_source` or :func:`frozen_source`); ``restore(session)`` loads its weights. Public so
+    that ``scripts/benchmark.py`` times and compares exactly the graph `finetune evaluate` runs.
+    """
     from finetune.compat import tf
     from finetune.dataset import read_dataset
     from finetune.runtime import session_config
@@ -203,7 +208,7 @@ def _predict_split(info, split: str, batch_size: int, image_size: int, build_pro
     return probabilities, labels, paths, seconds
 
 
-def _checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str = "float32"):
+def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str = "float32"):
     """Graph builder and restore function for a checkpoint rebuilt as the inference graph."""
     from finetune import model
     from finetune.compat import tf
@@ -222,7 +227,7 @@ def _checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: st
     return build, restore
 
 
-def _frozen_source(model_path: Path):
+def frozen_source(model_path: Path):
     """Graph builder for an exported .pb, fed through its preprocessed `input` tensor."""
     from finetune.compat import tf
     from finetune.export import load_graph_def
@@ -296,15 +301,15 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         source = str(Path(config.model).resolve())
         used = precision.check_frozen_precision(frozen_precision(Path(config.model)), config.precision,
                                                 config.model)  # fmt: skip
-        build, restore = _frozen_source(Path(config.model))
+        build, restore = frozen_source(Path(config.model))
     else:
         source = checkpoint or config.checkpoint or tf.train.latest_checkpoint(str(train_dir))
         if not source:
             raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
         compute = precision.resolve(config.precision or "fp32")
         used = compute.precision
-        build, restore = _checkpoint_source(source, len(classes), compute.dtype)
-    probabilities, labels, paths, seconds = _predict_split(
+        build, restore = checkpoint_source(source, len(classes), compute.dtype)
+    probabilities, labels, paths, seconds = predict_split(
         info, config.split, config.batch_size, image_size, build, restore
     )
     expected = info.split_counts[config.split]

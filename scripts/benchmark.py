@@ -477,15 +477,15 @@ def _validation_outputs(work: Work, info, compute_dtype: str, rounded: bool) -> 
     from finetune.compat import tf
 
     classes = len(info.classes)
-    _, restore = evaluate._checkpoint_source(tf.train.latest_checkpoint(str(work.run)), classes, compute_dtype)
+    _, restore = evaluate.checkpoint_source(tf.train.latest_checkpoint(str(work.run)), classes, compute_dtype)
 
     def outputs(images):
-        # _predict_split fetches one tensor a batch: the probabilities and the features side by side.
+        # predict_split fetches one tensor a batch: the probabilities and the features side by side.
         images = tf.cast(tf.cast(images, tf.bfloat16), tf.float32) if rounded else images
         net = model.build(images, classes, compute_dtype=compute_dtype)
         return tf.concat([net.probabilities, net.features], axis=1)
 
-    values, labels, paths, seconds = evaluate._predict_split(info, "validation", BATCH, IMAGE_SIZE, outputs, restore)
+    values, labels, paths, seconds = evaluate.predict_split(info, "validation", BATCH, IMAGE_SIZE, outputs, restore)
     return {"paths": paths, "labels": labels, "probabilities": values[:, :classes],
             "features": values[:, classes:], "images_per_second": len(labels) / seconds}  # fmt: skip
 
