@@ -111,9 +111,9 @@ def main() -> int:
             assignments[variable] = keras[name]
         saver = tf.compat.v1.train.Saver(variables)
         with tf.compat.v1.Session() as session:
-            session.run(tf.compat.v1.global_variables_initializer())
-            for variable, value in assignments.items():
-                variable.load(value, session)
+            # The backbone's values fed in place of their initial values; the heads keep their initialisers.
+            initial = {variable.initial_value: value for variable, value in assignments.items()}
+            session.run(tf.compat.v1.global_variables_initializer(), initial)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             print(saver.save(session, args.out, write_meta_graph=False))
     print(f"{len(assignments)} backbone variables from nsfwjs, {len(variables) - len(assignments)} "
