@@ -882,8 +882,9 @@ def pipeline_options() -> "tf.data.Options":
     iterator, which waits for the autotuning thread, and that thread sometimes sleeps out the rest of its
     optimisation period first (which doubles each round, up to a minute). Measured on the benchmark's
     ``train_all_bf16`` graph (the trainer's own): 12, 15 and 23 s at the close in 3 runs of 8 with
-    autotuning, under 0.1 s in 8 runs without. Nor did its tuning buy speed: the input pipeline alone ran
-    842 / 1534 images/s (train / eval transform) without it, 725 / 1553 with it.
+    autotuning, under 0.1 s in 8 runs without. Nor did its tuning buy speed: the input pipeline alone made
+    567 to 858 images/s with the training transform in three full-size benchmark runs without it, 563 and 725
+    in two with it.
     """
     from finetune.compat import tf
 
