@@ -6,11 +6,12 @@
     python scripts/benchmark.py --work DIR     # keep the generated photos, dataset, models and results in DIR
     python scripts/benchmark.py --checkpoint checkpoints/inception_v3.ckpt   # the real weights, not a stand-in
 
-On this machine's 2 quiet cores the full run takes 13 minutes and --quick 4 to 5. Most of --quick is work that
-fewer steps cannot remove. Six stages step a network from TFRecords and then from memory, and TensorFlow
-optimises the graph anew for each input, in an untimed first step: 36 network steps in all, 12 of them
-those first steps, about 105 s of compute on this CPU (training ``all`` alone spends 21 s in its two first
-steps). Graph building, feature extraction, export and the agreement passes make most of the rest.
+On this machine's 2 quiet cores the full run takes 11 to 12 minutes in a fresh --work (9 when the photos and
+features are already there) and --quick 4 to 5. Each stage's ``stage_seconds`` says where the time goes. Most
+of --quick is work that fewer steps cannot remove: six stages step a network from TFRecords and then from
+memory, and TensorFlow optimises the graph anew for each input, in an untimed first step (60 s of one
+4 min 37 s run, against 77 s of timed steps); graph building, feature extraction for the head-only run,
+export, predict and the agreement passes make most of the rest.
 
 Prints one JSON object on stdout and the tables on stderr. Everything runs on generated data, offline: a
 folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and, unless --checkpoint names the
@@ -802,7 +803,7 @@ def _pretrained(path: str) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and steps, same fields (4 to 5 minutes, not 13)")
+    parser.add_argument("--quick", action="store_true", help="fewer images and steps, same fields (4 to 5 minutes, not 11)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table on stdout, not the JSON")
     parser.add_argument("--work", help="folder for the photos, dataset and models (default: a temporary one)")
     parser.add_argument("--checkpoint", help="the pretrained checkpoint to use (default: a generated stand-in)")
