@@ -172,9 +172,14 @@ def _rate(images: int, clock: _Clock) -> dict:
     return {"images_per_second": round(images / clock.seconds, 2), "cpu_utilisation": round(clock.utilisation, 2)}
 
 
-def _run_steps(session, fetches, steps: int, feed: dict | None = None) -> None:
+def _run_steps(session, fetches, steps: int, feed: dict | None = None) -> list[float]:
+    """Runs the steps; returns each one's wall seconds."""
+    seconds = []
     for _ in range(steps):
+        started = time.perf_counter()
         session.run(fetches, feed)
+        seconds.append(round(time.perf_counter() - started, 3))
+    return seconds
 
 
 def _records_then_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int) -> dict:
@@ -188,19 +193,21 @@ def _records_then_memory(session, fetches, image_tensor, label_tensor, settings:
     with _Clock() as records_warmup:
         _run_steps(session, fetches, settings.warmup)
     with _Clock() as records:
-        _run_steps(session, fetches, steps)
+        records_steps = _run_steps(session, fetches, steps)
     inputs = [t for t in (image_tensor, label_tensor) if t is not None]
     feed = dict(zip(inputs, session.run(inputs)))
     with _Clock() as memory_warmup:
         _run_steps(session, fetches, settings.warmup, feed)
     with _Clock() as memory:
-        _run_steps(session, fetches, steps, feed)
+        memory_steps = _run_steps(session, fetches, steps, feed)
     return {
         "tfrecords": _rate(steps * BATCH, records),
         "memory": _rate(steps * BATCH, memory),
         "tfrecords_vs_memory": round(memory.seconds / records.seconds, 3),
         # Untimed first steps, graph optimisation included: the start-up a run pays once per input.
         "warmup_seconds": {"tfrecords": round(records_warmup.seconds, 1), "memory": round(memory_warmup.seconds, 1)},
+        # Each timed step: whether a slow phase was slow throughout or held up by a few steps.
+        "step_seconds": {"tfrecords": records_steps, "memory": memory_steps},
     }
 
 
@@ -278,10 +285,10 @@ def stage_ceiling(work: Work) -> dict:
                 session.run(tf.compat.v1.global_variables_initializer())
                 _run_steps(session, product, 2)
                 with _Clock() as clock:
-                    _run_steps(session, product, work.settings.matmuls)
+                    steps = _run_steps(session, product, work.settings.matmuls)
         flops = 2 * n**3 * work.settings.matmuls
         results[dtype.name] = {"gflops": round(flops / clock.seconds / 1e9, 1),
-                               "cpu_utilisation": round(clock.utilisation, 2)}  # fmt: skip
+                               "cpu_utilisation": round(clock.utilisation, 2), "step_seconds": steps}  # fmt: skip
     return results
 
 
