@@ -214,8 +214,8 @@ def _records_then_memory(session, fetches, image_tensor, label_tensor, settings:
 class _closing:
     """Closes a session on leaving the block and times it (``seconds``), the end a run pays for.
 
-    Closing destroys the input pipeline's iterator; with tf.data's autotuning on, that could wait 10 to 23 s
-    for the autotuning thread (see ``finetune.dataset.pipeline_options``), so the figure is kept.
+    Closing destroys the input pipeline's iterator; with tf.data's autotuning on, that waited 12 to 23 s for the
+    autotuning thread in 3 runs of 8 (see ``finetune.dataset.pipeline_options``), so the figure is kept.
     """
 
     def __init__(self, session) -> None:
