@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from finetune.config import EvaluateConfig
 from finetune.errors import FinetuneError
-from finetune.files import write_text_atomically
+from finetune.files import replacing, write_text_atomically
 
 log = logging.getLogger("finetune")
 
@@ -155,9 +154,8 @@ def draw_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
     axis = Image.new("RGB", (80, 20), "white")
     ImageDraw.Draw(axis).text((0, 2), "true", fill="black", font=font)
     image.paste(axis.rotate(90, expand=True), (2, top))
-    temporary = path.with_name(path.name + ".tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with replacing(path) as temporary:
+        image.save(temporary, format="PNG")
     return path
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune import model
-from finetune.files import write_text_atomically
+from finetune.files import replacing, write_text_atomically
 
 log = logging.getLogger("finetune")
 
@@ -104,11 +104,9 @@ class FeatureCache:
         if not keys:
             return
         name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
-        temporary = self.directory / f".{name}.tmp"
-        with open(temporary, "wb") as handle:
+        with replacing(self.directory / name) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, keys=np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 32),
                      features=features.astype(np.float32))  # fmt: skip
-        os.replace(temporary, self.directory / name)
         for key, row in zip(keys, features):
             self._rows[key] = row
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -23,3 +26,19 @@ def write_text_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (``.<name>.<pid>.<random>.tmp``) for a writer that takes a path.
+
+    When the block ends the temporary file is renamed onto ``path``; a failure or an interrupt removes it
+    instead, so ``path`` is never seen half written. The file is not created in advance: the writer
+    creates it, with its usual permissions.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

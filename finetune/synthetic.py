@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from finetune.files import replacing
+
 SHAPES = ("discs", "squares", "triangles", "stars", "rings", "crosses", "diamonds", "hexagons")
 TEXTURES = ("plain", "stripes", "dots")
 
@@ -203,10 +205,6 @@ def write_standin_checkpoint(
             if version != 1:  # TensorFlow writes a V2 checkpoint's files under temporary names itself
                 return Path(saver.save(session, str(path), write_meta_graph=False, write_state=False))
             # V1 is one file, written in place: through a temporary name, so a killed run leaves no part.
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
+            with replacing(path) as temporary:
                 saver.save(session, str(temporary), write_meta_graph=False, write_state=False)
-                os.replace(temporary, path)
-            finally:
-                temporary.unlink(missing_ok=True)
     return path
