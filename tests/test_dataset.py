@@ -408,7 +408,6 @@ def test_reader_runs_in_a_tf1_graph_with_a_one_shot_iterator(zoo):
                 assert values["image"].shape == (4, 75, 75, 3)
 
 
-
 def test_reader_has_threads_of_its_own_and_no_autotuning_that_could_hold_up_the_end_of_a_run(zoo):
     # With autotuning, closing the session waited 12 to 23 s for tf.data's tuning thread in 3 runs of 8.
     info = dataset.load_dataset(zoo["out"])
@@ -416,6 +415,7 @@ def test_reader_has_threads_of_its_own_and_no_autotuning_that_could_hold_up_the_
         options = dataset.read_dataset(info, "train", batch_size=4, image_size=75, training=training).options()
         assert options.autotune.enabled is False
         assert options.threading.private_threadpool_size == dataset.default_workers()
+
 
 # -------------------------------------------------------------------------------------------- preview
 
