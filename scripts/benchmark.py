@@ -86,24 +86,25 @@ GOALS = {
 
 @dataclass(frozen=True)
 class Settings:
-    """How much each stage does; --quick scales everything down, never the image size or the batch."""
+    """How much each stage does; --quick scales everything down but the image size and the forward's batch."""
 
     photos: int  # generated photos, in CLASSES class folders
     matmuls: int  # timed matmuls per type
     pipeline_batches: int  # timed batches of the input pipeline per transform
     forward_steps: int  # timed batches of the eval graph per input
     train_steps: dict  # timed training steps per preset and input
+    train_batch: int  # the training stages' batch (the forward, predict and agreement run at BATCH)
     warmup: int  # untimed steps before each timed run: graph optimisation, oneDNN primitives, buffers
     finetune_steps: int  # steps of the head-only run that the export, predict and agreement stages use
     predict_images: int  # files labelled per .pb
 
 
 FULL = Settings(photos=2000, matmuls=10, pipeline_batches=30, forward_steps=10,
-                train_steps={"logits": 10, "mixed_7": 8, "all": 6}, warmup=2, finetune_steps=60,
-                predict_images=320)  # fmt: skip
-QUICK = Settings(photos=400, matmuls=3, pipeline_batches=6, forward_steps=2,
-                 train_steps={"logits": 2, "mixed_7": 2, "all": 2}, warmup=1, finetune_steps=10,
-                 predict_images=64)  # fmt: skip
+                train_steps={"logits": 10, "mixed_7": 8, "all": 6}, train_batch=BATCH, warmup=2,
+                finetune_steps=60, predict_images=320)  # fmt: skip
+QUICK = Settings(photos=200, matmuls=3, pipeline_batches=6, forward_steps=2,
+                 train_steps={"logits": 2, "mixed_7": 2, "all": 2}, train_batch=8, warmup=1, finetune_steps=10,
+                 predict_images=32)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -182,13 +183,14 @@ def _run_steps(session, fetches, steps: int, feed: dict | None = None) -> list[f
     return seconds
 
 
-def _records_then_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int) -> dict:
+def _records_then_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int,
+                         batch: int) -> dict:
     """Steps a graph from its TFRecord reader, then from one batch fed in place of the reader's output.
 
     Feeding the reader's output tensors cuts the reader out of the step: the same graph and session run,
-    with the input pipeline idle (the feed copies the 34 MB batch each step, about 1% of a step here). Each
-    phase starts with untimed steps, so the TFRecord phase is timed in its steady state and the memory phase
-    after the reader's buffers have filled and gone quiet.
+    with the input pipeline idle (the feed copies the batch each step, 34 MB at 32 images, about 1% of a
+    step). Each phase starts with untimed steps, so the TFRecord phase is timed in its steady state and the
+    memory phase after the reader's buffers have filled and gone quiet.
     """
     with _Clock() as records_warmup:
         _run_steps(session, fetches, settings.warmup)
@@ -201,8 +203,9 @@ def _records_then_memory(session, fetches, image_tensor, label_tensor, settings:
     with _Clock() as memory:
         memory_steps = _run_steps(session, fetches, steps, feed)
     return {
-        "tfrecords": _rate(steps * BATCH, records),
-        "memory": _rate(steps * BATCH, memory),
+        "batch_size": batch,
+        "tfrecords": _rate(steps * batch, records),
+        "memory": _rate(steps * batch, memory),
         "tfrecords_vs_memory": round(memory.seconds / records.seconds, 3),
         # Untimed first steps, graph optimisation included: the start-up a run pays once per input.
         "warmup_seconds": {"tfrecords": round(records_warmup.seconds, 1), "memory": round(memory_warmup.seconds, 1)},
@@ -350,7 +353,7 @@ def _forward(work: Work, precision: str) -> dict:
             model.restore(session, variables, model.open_checkpoint(work.checkpoint))
             image, _ = _reader_outputs(graph)
             result = _records_then_memory(session, net.probabilities, image, None, work.settings,
-                                          work.settings.forward_steps)  # fmt: skip
+                                          work.settings.forward_steps, BATCH)  # fmt: skip
     return {**result, "close_seconds": closed.seconds}
 
 
@@ -389,7 +392,7 @@ def _train(work: Work, preset: str, precision: str) -> dict:
     from finetune.config import TrainConfig
 
     config = TrainConfig(dataset=str(work.dataset), train_dir=str(work.root / f"bench_{preset}_{precision}"),
-                         checkpoint=str(work.checkpoint), trainable=preset, batch_size=BATCH,
+                         checkpoint=str(work.checkpoint), trainable=preset, batch_size=work.settings.train_batch,
                          image_size=IMAGE_SIZE, steps=10**6, eval_every=0, precision=precision)  # fmt: skip
     plan = train.plan_training(config)
     built = train._build_graph(plan, start_step=0)
@@ -402,7 +405,8 @@ def _train(work: Work, preset: str, precision: str) -> dict:
             session.run(built.zero_head)
             image, label = _reader_outputs(built.graph)
             steps = work.settings.train_steps[preset]
-            result = _records_then_memory(session, fetches, image, label, work.settings, steps)
+            result = _records_then_memory(session, fetches, image, label, work.settings, steps,
+                                          work.settings.train_batch)  # fmt: skip
     result.update(close_seconds=closed.seconds, trainable_scopes=list(plan.trainable_scopes),
                   augment=plan.augment, compute_dtype=plan.compute_dtype)  # fmt: skip
     return result
@@ -678,7 +682,8 @@ def table(report: dict) -> str:
     for name, label in labels.items():
         row, stage = s[name], stages[name]
         if name.startswith("train"):
-            label += f", {row['gflop_per_image']:.0f} GFLOP/image"
+            batch = stage["batch_size"]
+            label += f", {row['gflop_per_image']:.0f} GFLOP/image" + (f", batch {batch}" if batch != BATCH else "")
         rates = f"{stage['tfrecords']['images_per_second']:.1f} / {stage['memory']['images_per_second']:.1f}"
         rows.append((label, f"{rates} images/s", pct(row["vs_ceiling"]), pct(row["tfrecords_vs_memory"]),
                      use(stage["tfrecords"], stage["memory"]), gb(name)))  # fmt: skip
