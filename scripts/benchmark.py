@@ -1,17 +1,19 @@
 """Measures every stage of finetune on generated data against this machine's compute ceiling.
 
     python scripts/benchmark.py                # the full run
-    python scripts/benchmark.py --quick        # the same fields from fewer images and steps
+    python scripts/benchmark.py --quick        # the same fields from fewer images and steps, training at batch 8
     python scripts/benchmark.py --table        # the Markdown tables on stdout instead of the JSON
     python scripts/benchmark.py --work DIR     # keep the generated photos, dataset, models and results in DIR
     python scripts/benchmark.py --checkpoint checkpoints/inception_v3.ckpt   # the real weights, not a stand-in
 
 On this machine's 2 quiet cores the full run takes 11 to 12 minutes in a fresh --work (9 when the photos and
-features are already there) and --quick 4 to 5. Each stage's ``stage_seconds`` says where the time goes. Most
-of --quick is work that fewer steps cannot remove: six stages step a network from TFRecords and then from
-memory, and TensorFlow optimises the graph anew for each input, in an untimed first step (60 s of one
-4 min 37 s run, against 77 s of timed steps); graph building, feature extraction for the head-only run,
-export, predict and the agreement passes make most of the rest.
+features are already there) and --quick about 2 1/2 (2 min 34 s and 2 min 39 s in two fresh runs). --quick times 2
+steps a phase instead of 6 to 10, on 200 photos instead of 2000, and trains at batch 8 instead of 32: per image
+that ran 2 to 7% below batch 32 here, and the training stages' peak memory is batch 8's. Each stage's
+``stage_seconds`` says where the time goes. In the 2 min 34 s run the six network stages took 27 s of timed steps,
+27 s of untimed first steps (TensorFlow optimises the graph anew for each input) and 35 s of graph building,
+restoring and FLOP counting; the head-only ``finetune train`` with its feature extraction and two exports
+took 23 s, the agreement passes 14, predict 10, the photos and stand-in 6 and the ceiling 6.
 
 Prints one JSON object on stdout and the tables on stderr. Everything runs on generated data, offline: a
 folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and, unless --checkpoint names the
@@ -20,7 +22,7 @@ does not depend on the weights; the bf16 agreement does (see ``stage_agreement``
 are imported once; each stage then runs in a process forked from that one, so its peak resident memory is
 its own (the same figure a fresh process shows, see ``_run_stage``). Graph building and the first
 (graph-optimising) steps are kept off the clock; the JSON gives those first steps as ``warmup_seconds``.
-Stages, all at 299x299 and batch 32:
+Stages, all at 299x299 and batch 32 (training at batch 8 under --quick):
 
 - ``ceiling``: 4096x4096 matmuls in TensorFlow, float32 and bfloat16, GFLOP/s;
 - ``build_dataset``: the photos to TFRecords with every core, images/s;
@@ -815,7 +817,8 @@ def _pretrained(path: str) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and steps, same fields (4 to 5 minutes, not 11)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer images and steps, training at batch 8, same fields (about 2 1/2 minutes, not 11)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table on stdout, not the JSON")
     parser.add_argument("--work", help="folder for the photos, dataset and models (default: a temporary one)")
     parser.add_argument("--checkpoint", help="the pretrained checkpoint to use (default: a generated stand-in)")
