@@ -111,7 +111,7 @@ def download(config: DownloadConfig) -> DownloadResult:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(
-            f"--dest {dest}: cannot create the folder ({exc.strerror}); choose another --dest"
+            f"--dest {dest}: cannot create the folder ({exc.strerror})", "choose another --dest"
         ) from None
 
     with _exclusive(dest):
@@ -132,8 +132,8 @@ def _download_locked(
         tarball = Path(config.url)
         if not tarball.is_file():
             raise DownloadError(
-                f"--url {config.url}: no such file; pass an http(s) URL, or the path of {model.tarball} "
-                "downloaded by hand"
+                f"--url {config.url}: no such file",
+                f"pass an http(s) URL, or the path of {model.tarball} downloaded by hand",
             )
         manifest = _install(tarball, str(tarball.resolve()), model, config.sha256, checkpoint, manifest_path)
         return DownloadResult("unpacked", checkpoint, manifest_path, manifest)
@@ -281,13 +281,14 @@ def _fetch(
             time.sleep(delay)
     if isinstance(problem, _Unreachable):
         raise DownloadError(
-            f"{problem}; to install by hand, fetch {urls[0]} on a machine with internet access, copy it to "
-            f"this one and run `finetune download --url PATH/TO/{model.tarball}`, which verifies it and "
-            f"unpacks {model.member} into {dest}/"
+            str(problem),
+            f"to install by hand, fetch {urls[0]} on a machine with internet access, copy it to this one and "
+            f"run `finetune download --url PATH/TO/{model.tarball}`, which verifies it and unpacks "
+            f"{model.member} into {dest}/",
         )
     tries = f"{failures} {'try' if failures == 1 else 'tries'}"
-    resume = f"; rerun to resume from {part}" if part.exists() and part.stat().st_size else ""
-    raise DownloadError(f"{problem} (gave up after {tries}; --retries sets how many){resume}")
+    rerun = f"rerun to resume from {part}" if part.exists() and part.stat().st_size else "rerun later"
+    raise DownloadError(f"{problem} (gave up after {tries})", f"{rerun}, or raise --retries (now {config.retries})")
 
 
 def _fetch_once(
@@ -311,7 +312,7 @@ def _fetch_once(
     except requests.Timeout:
         raise _Transient(f"{url}: no answer within {timeout:g} s (--timeout)") from None
     except requests.RequestException as exc:
-        raise DownloadError(f"{url}: cannot fetch it ({exc}); check --url") from None
+        raise DownloadError(f"{url}: cannot fetch it ({exc})", "check --url") from None
 
     with response:
         status = response.status_code
@@ -328,8 +329,9 @@ def _fetch_once(
             raise _Transient(f"{url}: HTTP {status} {response.reason}")
         if status not in (200, 206):
             raise DownloadError(
-                f"{url}: HTTP {status} {response.reason}; the file is not there for us: check --url, or "
-                f"fetch {model.tarball} by hand and pass its path with --url"
+                f"{url}: HTTP {status} {response.reason}",
+                f"the file is not there for us: check --url, or fetch {model.tarball} by hand and pass its path "
+                "with --url",
             )
         if status == 206:
             first, total = _content_range(response.headers.get("Content-Range", ""))
@@ -375,7 +377,7 @@ def _stream_body(
         raise _Transient(f"{url}: connection lost after {got}") from None
     except OSError as exc:
         raise DownloadError(
-            f"cannot write {part} ({exc.strerror}); free some space or choose another --dest"
+            f"cannot write {part} ({exc.strerror})", "free some space or choose another --dest"
         ) from None
     if total is not None and received < total:
         raise _Transient(f"{url}: connection closed after {_megabytes(received)} of {_megabytes(total)}")
@@ -425,18 +427,18 @@ def _install(
     if expected and tarball_sha256 != expected:
         origin = "--sha256" if pinned_sha256 else f"the published digest of {model.name}"
         raise _BadTarball(
-            f"{source}: sha256 is {tarball_sha256}, expected {expected} ({origin}); the file is damaged or "
-            "not the one published: fetch it again, or check the --sha256 value"
+            f"{source}: sha256 is {tarball_sha256}, expected {expected} ({origin})",
+            "the file is damaged or not the one published: fetch it again, or check the --sha256 value",
         )
     tarball_size = tarball.stat().st_size
     if model.size is not None and tarball_size != model.size:
-        raise _BadTarball(f"{source}: {tarball_size} bytes, expected {model.size}; fetch it again")
+        raise _BadTarball(f"{source}: {tarball_size} bytes, expected {model.size}", "fetch it again")
     try:
         unpacked, checkpoint_sha256 = _unpack_member(tarball, source, model, checkpoint.parent)
     except OSError as exc:
         raise DownloadError(
-            f"cannot unpack {tarball} into {checkpoint.parent} ({exc.strerror}); free some space or choose "
-            "another --dest"
+            f"cannot unpack {tarball} into {checkpoint.parent} ({exc.strerror})",
+            "free some space or choose another --dest",
         ) from None
     try:
         log.info(f"checking {model.member} with TensorFlow")
@@ -472,10 +474,10 @@ def _unpack_member(tarball: Path, source: str, model: PretrainedModel, folder: P
         text = head.lstrip().lower()
         if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text:
             raise _BadTarball(
-                f"{source}: an HTML page, not the tarball (a proxy's login page, or a URL of a web page); "
-                "open it in a browser, then pass the file's direct address or a local copy with --url"
+                f"{source}: an HTML page, not the tarball (a proxy's login page, or a URL of a web page)",
+                "open it in a browser, then pass the file's direct address or a local copy with --url",
             )
-        raise _BadTarball(f"{source}: not a gzip file (it starts with {head[:12]!r}); check --url")
+        raise _BadTarball(f"{source}: not a gzip file (it starts with {head[:12]!r})", "check --url")
 
     descriptor, name = tempfile.mkstemp(prefix=f".{model.member}.", suffix=".tmp", dir=folder)
     unpacked = Path(name)
@@ -487,7 +489,7 @@ def _unpack_member(tarball: Path, source: str, model: PretrainedModel, folder: P
                 for member in archive:
                     _check_member(member, source, model)
                     if found:
-                        raise _BadTarball(f"{source}: holds {model.member} twice; check --url")
+                        raise _BadTarball(f"{source}: holds {model.member} twice", "check --url")
                     found = True
                     reader = archive.extractfile(member)
                     while chunk := reader.read(CHUNK_BYTES):
@@ -498,11 +500,11 @@ def _unpack_member(tarball: Path, source: str, model: PretrainedModel, folder: P
             out.flush()
             os.fsync(out.fileno())
         if not found:
-            raise _BadTarball(f"{source}: the tarball is empty, expected {model.member} in it; check --url")
+            raise _BadTarball(f"{source}: the tarball is empty, expected {model.member} in it", "check --url")
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         unpacked.unlink(missing_ok=True)
         reason = str(exc) or type(exc).__name__
-        raise _BadTarball(f"{source}: truncated or damaged tarball ({reason}); fetch it again") from None
+        raise _BadTarball(f"{source}: truncated or damaged tarball ({reason})", "fetch it again") from None
     except BaseException:
         unpacked.unlink(missing_ok=True)
         raise
@@ -529,12 +531,12 @@ def _check_member(member: tarfile.TarInfo, source: str, model: PretrainedModel) 
         unsafe = ""
     if unsafe:
         raise _BadTarball(
-            f"{source}: refusing to unpack: member {name!r} {unsafe}; the published tarball holds only "
-            f"{model.member}, so this is not it: check --url"
+            f"{source}: refusing to unpack: member {name!r} {unsafe}",
+            f"the published tarball holds only {model.member}, so this is not it: check --url",
         )
     if path.as_posix().removeprefix("./") != model.member:
         raise _BadTarball(
-            f"{source}: holds {name!r}, but the published tarball holds only {model.member}; check --url"
+            f"{source}: holds {name!r}, but the published tarball holds only {model.member}", "check --url"
         )
 
 
@@ -550,8 +552,8 @@ def _check_variables(unpacked: Path, source: str, model: PretrainedModel) -> int
     except CheckpointError as exc:
         log.debug(str(exc))
         raise _BadTarball(
-            f"{source}: {model.member} inside is not a checkpoint of slim's InceptionV3 that TensorFlow can "
-            "read; the file is damaged or another model's: check --url"
+            f"{source}: {model.member} inside is not a checkpoint of slim's InceptionV3 that TensorFlow can read",
+            "the file is damaged or another model's: check --url",
         ) from None
     for name, shape in model.key_shapes.items():
         if name not in shapes:
@@ -560,12 +562,13 @@ def _check_variables(unpacked: Path, source: str, model: PretrainedModel) -> int
             problem = f"has {name} with shape {list(shapes[name])}, expected {list(shape)}"
         else:
             continue
-        raise _BadTarball(f"{source}: {model.member} {problem}; it is not {model.name}: check --url")
+        raise _BadTarball(f"{source}: {model.member} {problem}", f"it is not {model.name}: check --url")
     count = sum(1 for name in shapes if name.startswith(model.root_scope + "/"))
     if count < model.min_variables:
         raise _BadTarball(
             f"{source}: {model.member} has {count} variables under {model.root_scope}/, expected at least "
-            f"{model.min_variables}; it is not the full {model.name} checkpoint: check --url"
+            f"{model.min_variables}",
+            f"it is not the full {model.name} checkpoint: check --url",
         )
     return count
 

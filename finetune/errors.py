@@ -28,4 +28,12 @@ class EmptySplitError(DataError):
 
 
 class DownloadError(FinetuneError):
-    """A download that failed, or whose file did not verify."""
+    """A download that failed, or whose file did not verify.
+
+    ``problem`` is what went wrong and ``fix`` what `finetune download` can do about it, the message being
+    both; a caller with other means (quickstart falls back to random weights) shows the problem alone.
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem, self.fix = problem, fix

@@ -181,7 +181,7 @@ def _checkpoint(config: QuickstartConfig, layout: _Layout) -> tuple[Path, str | 
     except DownloadError as exc:
         if config.url and not is_web_address(config.url):
             raise  # a tarball the user named is a file that must be right, not a network to do without
-        reason = str(exc).split("; ")[0]  # the problem; the fixes that follow are `finetune download`'s
+        reason = exc.problem  # its fix names `finetune download`'s flags; quickstart's own follows
     log.warning(
         f"no pretrained checkpoint: {reason}; carrying on from random weights, so every result below is NOT "
         "PRETRAINED (`finetune download` fetches the checkpoint when this machine is online)"

@@ -156,7 +156,7 @@ def test_a_dropped_connection_is_resumed_by_the_next_run_with_a_range_request(
     assert 0 < kept <= cut  # the read that hit the drop may lose its partial chunk
     assert error == (
         f"error: {url}: connection lost after {kept / 1e6:.1f} MB of {len(tarball_bytes) / 1e6:.1f} MB "
-        f"(gave up after 1 try; --retries sets how many); rerun to resume from {part}"
+        f"(gave up after 1 try); rerun to resume from {part}, or raise --retries (now 0)"
     )
 
     code, out, err = _finetune(capsys, dest, url, "--json")
@@ -341,17 +341,27 @@ def test_not_found_is_an_error_at_once(server, dest):
 def test_a_server_that_keeps_failing_is_given_up_on(capsys, server, dest, tarball_bytes):
     url = server.serve(PATH, Route(tarball_bytes, status=503))
     assert _refused(capsys, dest, url, "--retries", "1") == (
-        f"error: {url}: HTTP 503 Service Unavailable (gave up after 2 tries; --retries sets how many)"
+        f"error: {url}: HTTP 503 Service Unavailable (gave up after 2 tries); rerun later, or raise --retries "
+        "(now 1)"
     )
     assert len(server.seen) == 2
+
+
+def test_the_problem_comes_apart_from_its_fix_for_quickstart_which_shows_the_problem_alone(server, dest, tarball_bytes):
+    # quickstart carries on without the checkpoint and names the problem, never `finetune download`'s flags.
+    url = server.serve(PATH, Route(tarball_bytes, status=503))
+    with pytest.raises(DownloadError) as caught:
+        download(DownloadConfig(url=url, dest=str(dest), retries=0))
+    assert caught.value.problem == f"{url}: HTTP 503 Service Unavailable (gave up after 1 try)"
+    assert str(caught.value) == f"{caught.value.problem}; rerun later, or raise --retries (now 0)"
 
 
 def test_a_stalled_server_times_out_instead_of_hanging(capsys, server, dest, tarball_bytes):
     url = server.serve(PATH, Route(tarball_bytes, stall_at=1 << 20))
     size = f"{len(tarball_bytes) / 1e6:.1f} MB"
     assert _refused(capsys, dest, url, "--timeout", "1", "--retries", "0") == (
-        f"error: {url}: stalled, no data for 1 s (--timeout) after 1.0 MB of {size} (gave up after 1 try; "
-        f"--retries sets how many); rerun to resume from {dest / TARBALL}.part"
+        f"error: {url}: stalled, no data for 1 s (--timeout) after 1.0 MB of {size} (gave up after 1 try); "
+        f"rerun to resume from {dest / TARBALL}.part, or raise --retries (now 0)"
     )
 
 
