@@ -27,11 +27,12 @@ Stages, all at 299x299 and batch 32 (training at batch 8 under --quick):
 - ``ceiling``: 4096x4096 matmuls in TensorFlow, float32 and bfloat16, GFLOP/s;
 - ``build_dataset``: the photos to TFRecords with every core, images/s;
 - ``input_pipeline``: TFRecords read, decoded and preprocessed (train and eval transforms), no model;
-- ``forward``, ``forward_bf16``: the eval graph, stepped from TFRecords, then from one batch held in memory;
+- ``forward``, ``forward_bf16``: the eval graph, stepped from TFRecords and from one batch held in memory, in
+  alternating blocks (three pairs in the full run; see ``_records_then_memory``);
 - ``train_logits``, ``train_mixed_7``, ``train_all``, ``train_all_bf16``: the graph ``finetune train`` builds
-  for that preset, stepped from TFRecords, then from one batch in memory fed in place of the reader's output
-  (same graph, same session), so the two figures differ by what the input pipeline costs and nothing else
-  (this reaches into ``finetune.train._build_graph`` to get exactly the graph the trainer runs);
+  for that preset, stepped in the same way from TFRecords and from one batch in memory fed in place of the
+  reader's output (same graph, same session), so the two figures differ by what the input pipeline costs and
+  nothing else (this reaches into ``finetune.train._build_graph`` to get exactly the graph the trainer runs);
 - ``finetune``: ``finetune train`` itself on the head, then ``finetune export`` of it at fp32 and bf16;
 - ``predict``, ``predict_bf16``: image files through each ``.pb``, as ``finetune predict`` runs them;
 - ``agreement``: the eval graph ``finetune evaluate`` builds, at fp32 and at bf16 on the validation split,
@@ -60,6 +61,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -95,6 +97,7 @@ class Settings:
     pipeline_batches: int  # timed batches of the input pipeline per transform
     forward_steps: int  # timed batches of the eval graph per input
     train_steps: dict  # timed training steps per preset and input
+    blocks: int  # the forward and training stages' timed steps per input, in this many alternating blocks
     train_batch: int  # the training stages' batch (the forward, predict and agreement run at BATCH)
     warmup: int  # untimed steps before each timed run: graph optimisation, oneDNN primitives, buffers
     finetune_steps: int  # steps of the head-only run that the export, predict and agreement stages use
@@ -102,11 +105,11 @@ class Settings:
 
 
 FULL = Settings(photos=2000, matmuls=10, pipeline_batches=30, forward_steps=10,
-                train_steps={"logits": 10, "mixed_7": 8, "all": 6}, train_batch=BATCH, warmup=2,
+                train_steps={"logits": 10, "mixed_7": 8, "all": 6}, train_batch=BATCH, blocks=3, warmup=2,
                 finetune_steps=60, predict_images=320)  # fmt: skip
 QUICK = Settings(photos=200, matmuls=3, pipeline_batches=6, forward_steps=2,
-                 train_steps={"logits": 2, "mixed_7": 2, "all": 2}, train_batch=8, warmup=1, finetune_steps=10,
-                 predict_images=32)  # fmt: skip
+                 train_steps={"logits": 2, "mixed_7": 2, "all": 2}, train_batch=8, blocks=1, warmup=1,
+                 finetune_steps=10, predict_images=32)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -187,32 +190,58 @@ def _run_steps(session, fetches, steps: int, feed: dict | None = None) -> list[f
 
 def _records_then_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int,
                          batch: int) -> dict:
-    """Steps a graph from its TFRecord reader, then from one batch fed in place of the reader's output.
+    """Steps a graph from its TFRecord reader and from one batch fed in place of the reader's output, in turns.
 
     Feeding the reader's output tensors cuts the reader out of the step: the same graph and session run,
     with the input pipeline idle (the feed copies the batch each step, 34 MB at 32 images, about 1% of a
-    step). Each phase starts with untimed steps, so the TFRecord phase is timed in its steady state and the
-    memory phase after the reader's buffers have filled and gone quiet.
+    step). After an untimed first step from memory (TensorFlow optimises the graph anew for each input), the
+    two alternate in ``settings.blocks`` pairs of blocks of about ``steps / blocks`` timed steps, TFRecords
+    first. Every TFRecord block opens with ``settings.warmup`` untimed steps: the first block's optimise the
+    graph, the others' use up what the reader buffered while the memory block ran, so that every timed step
+    from TFRecords waits on the reader as a long run does.
+
+    This machine has slow stretches, one step to half a minute long, that leave CPU use as it was (see the
+    README). Each rate is therefore the median of its blocks' rates, and TFRecords ÷ memory the median of the
+    ratios within each pair: a stretch that spans a whole pair slows both of its blocks alike, and one that
+    slows a single block is outvoted. With one pair (--quick) they are the plain figures.
     """
-    with _Clock() as records_warmup:
-        _run_steps(session, fetches, settings.warmup)
-    with _Clock() as records:
-        records_steps = _run_steps(session, fetches, steps)
     inputs = [t for t in (image_tensor, label_tensor) if t is not None]
     feed = dict(zip(inputs, session.run(inputs)))
     with _Clock() as memory_warmup:
         _run_steps(session, fetches, settings.warmup, feed)
-    with _Clock() as memory:
-        memory_steps = _run_steps(session, fetches, steps, feed)
+    sizes = [steps // settings.blocks + (i < steps % settings.blocks) for i in range(settings.blocks)]
+    clocks: dict[str, list[_Clock]] = {"tfrecords": [], "memory": []}
+    step_seconds: dict[str, list[list[float]]] = {"tfrecords": [], "memory": []}
+    records_warmup = []
+    for size in sizes:
+        with _Clock() as untimed:
+            _run_steps(session, fetches, settings.warmup)
+        records_warmup.append(untimed.seconds)
+        for phase, phase_feed in (("tfrecords", None), ("memory", feed)):
+            with _Clock() as clock:
+                step_seconds[phase].append(_run_steps(session, fetches, size, phase_feed))
+            clocks[phase].append(clock)
+
+    def rate(phase: str) -> dict:
+        rates = [size * batch / clock.seconds for size, clock in zip(sizes, clocks[phase])]
+        busy = sum(clock.utilisation * clock.seconds for clock in clocks[phase])
+        return {"images_per_second": round(statistics.median(rates), 2),
+                "cpu_utilisation": round(busy / sum(clock.seconds for clock in clocks[phase]), 2),
+                "blocks_images_per_second": [round(r, 2) for r in rates]}  # fmt: skip
+
+    ratios = [memory.seconds / records.seconds for records, memory in zip(clocks["tfrecords"], clocks["memory"])]
     return {
         "batch_size": batch,
-        "tfrecords": _rate(steps * batch, records),
-        "memory": _rate(steps * batch, memory),
-        "tfrecords_vs_memory": round(memory.seconds / records.seconds, 3),
-        # Untimed first steps, graph optimisation included: the start-up a run pays once per input.
-        "warmup_seconds": {"tfrecords": round(records_warmup.seconds, 1), "memory": round(memory_warmup.seconds, 1)},
-        # Each timed step: whether a slow phase was slow throughout or held up by a few steps.
-        "step_seconds": {"tfrecords": records_steps, "memory": memory_steps},
+        "tfrecords": rate("tfrecords"),
+        "memory": rate("memory"),
+        "tfrecords_vs_memory": round(statistics.median(ratios), 3),
+        "blocks_tfrecords_vs_memory": [round(r, 3) for r in ratios],
+        # Untimed steps: the first from memory and the first block's from TFRecords optimise the graph, the
+        # start-up a run pays once per input; the later TFRecord blocks' take up what the reader buffered.
+        "warmup_seconds": {"tfrecords": round(records_warmup[0], 1), "memory": round(memory_warmup.seconds, 1)},
+        "drain_seconds": round(sum(records_warmup[1:]), 1),
+        # Each timed step, block by block: whether a slow block was slow throughout or held up by a few steps.
+        "step_seconds": step_seconds,
     }
 
 
