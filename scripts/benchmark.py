@@ -6,14 +6,14 @@
     python scripts/benchmark.py --work DIR     # keep the generated photos, dataset, models and results in DIR
     python scripts/benchmark.py --checkpoint checkpoints/inception_v3.ckpt   # the real weights, not a stand-in
 
-On this machine's 2 quiet cores the full run takes 11 to 12 minutes in a fresh --work (9 when the photos and
-features are already there) and --quick about 2 1/2 (2 min 34 s and 2 min 39 s in two fresh runs). --quick times 2
-steps a phase instead of 6 to 10, on 200 photos instead of 2000, and trains at batch 8 instead of 32: per image
-that ran 2 to 7% below batch 32 here, and the training stages' peak memory is batch 8's. Each stage's
-``stage_seconds`` says where the time goes. In the 2 min 34 s run the six network stages took 27 s of timed steps,
-27 s of untimed first steps (TensorFlow optimises the graph anew for each input) and 35 s of graph building,
-restoring and FLOP counting; the head-only ``finetune train`` with its feature extraction and two exports
-took 23 s, the agreement passes 14, predict 10, the photos and stand-in 6 and the ceiling 6.
+On this machine's 2 quiet cores the full run takes 11 1/2 minutes in a fresh --work (9 1/2 when the photos and
+features are already there) and --quick about 2 1/2 (2 min 34 s to 2 min 46 s in three fresh runs). --quick
+times 2 steps a phase instead of 6 to 10, on 200 photos instead of 2000, and trains at batch 8 instead of 32:
+per image that ran 2 to 7% below batch 32 here, and the training stages' peak memory is batch 8's. Each stage's
+``stage_seconds`` says where the time goes. In the 2 min 34 s run the six network stages took 27 s of timed
+steps, 27 s of untimed first steps (TensorFlow optimises the graph anew for each input) and 35 s of graph
+building, restoring and FLOP counting; the head-only ``finetune train`` with its feature extraction and two
+exports took 23 s, the agreement passes 14, predict 10, the photos and stand-in 6 and the ceiling 6.
 
 Prints one JSON object on stdout and the tables on stderr. Everything runs on generated data, offline: a
 folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and, unless --checkpoint names the
