@@ -209,7 +209,8 @@ def _records_then_memory(session, fetches, image_tensor, label_tensor, settings:
     feed = dict(zip(inputs, session.run(inputs)))
     with _Clock() as memory_warmup:
         _run_steps(session, fetches, settings.warmup, feed)
-    sizes = [steps // settings.blocks + (i < steps % settings.blocks) for i in range(settings.blocks)]
+    blocks = min(settings.blocks, steps)  # never an empty block
+    sizes = [steps // blocks + (i < steps % blocks) for i in range(blocks)]
     clocks: dict[str, list[_Clock]] = {"tfrecords": [], "memory": []}
     step_seconds: dict[str, list[list[float]]] = {"tfrecords": [], "memory": []}
     records_warmup = []
