@@ -28,7 +28,7 @@ Stages, all at 299x299 and batch 32 (training at batch 8 under --quick):
 - ``build_dataset``: the photos to TFRecords with every core, images/s;
 - ``input_pipeline``: TFRecords read, decoded and preprocessed (train and eval transforms), no model;
 - ``forward``, ``forward_bf16``: the eval graph, stepped from TFRecords and from one batch held in memory, in
-  alternating blocks (three pairs in the full run; see ``_records_then_memory``);
+  alternating blocks (three pairs in the full run; see ``_records_and_memory``);
 - ``train_logits``, ``train_mixed_7``, ``train_all``, ``train_all_bf16``: the graph ``finetune train`` builds
   for that preset, stepped in the same way from TFRecords and from one batch in memory fed in place of the
   reader's output (same graph, same session), so the two figures differ by what the input pipeline costs and
@@ -99,7 +99,7 @@ class Settings:
     train_steps: dict  # timed training steps per preset and input
     blocks: int  # the forward and training stages' timed steps per input, in this many alternating blocks
     train_batch: int  # the training stages' batch (the forward, predict and agreement run at BATCH)
-    warmup: int  # untimed steps before each timed run: graph optimisation, oneDNN primitives, buffers
+    warmup: int  # untimed steps before each timed run (and TFRecord block): graph optimisation, buffers
     finetune_steps: int  # steps of the head-only run that the export, predict and agreement stages use
     predict_images: int  # files labelled per .pb
 
@@ -188,14 +188,14 @@ def _run_steps(session, fetches, steps: int, feed: dict | None = None) -> list[f
     return seconds
 
 
-def _records_then_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int,
+def _records_and_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int,
                          batch: int) -> dict:
     """Steps a graph from its TFRecord reader and from one batch fed in place of the reader's output, in turns.
 
     Feeding the reader's output tensors cuts the reader out of the step: the same graph and session run,
     with the input pipeline idle (the feed copies the batch each step, 34 MB at 32 images, about 1% of a
-    step). After an untimed first step from memory (TensorFlow optimises the graph anew for each input), the
-    two alternate in ``settings.blocks`` pairs of blocks of about ``steps / blocks`` timed steps, TFRecords
+    step). After untimed steps from memory (TensorFlow optimises the graph anew for each input), the two
+    alternate in ``settings.blocks`` pairs of blocks of about ``steps / blocks`` timed steps, TFRecords
     first. Every TFRecord block opens with ``settings.warmup`` untimed steps: the first block's optimise the
     graph, the others' use up what the reader buffered while the memory block ran, so that every timed step
     from TFRecords waits on the reader as a long run does.
@@ -384,7 +384,7 @@ def _forward(work: Work, precision: str) -> dict:
             session.run(tf.compat.v1.global_variables_initializer())
             model.restore(session, variables, model.open_checkpoint(work.checkpoint))
             image, _ = _reader_outputs(graph)
-            result = _records_then_memory(session, net.probabilities, image, None, work.settings,
+            result = _records_and_memory(session, net.probabilities, image, None, work.settings,
                                           work.settings.forward_steps, BATCH)  # fmt: skip
     return {**result, "close_seconds": closed.seconds}
 
@@ -437,7 +437,7 @@ def _train(work: Work, preset: str, precision: str) -> dict:
             session.run(built.zero_head)
             image, label = _reader_outputs(built.graph)
             steps = work.settings.train_steps[preset]
-            result = _records_then_memory(session, fetches, image, label, work.settings, steps,
+            result = _records_and_memory(session, fetches, image, label, work.settings, steps,
                                           work.settings.train_batch)  # fmt: skip
     result.update(close_seconds=closed.seconds, trainable_scopes=list(plan.trainable_scopes),
                   augment=plan.augment, compute_dtype=plan.compute_dtype)  # fmt: skip
@@ -714,7 +714,7 @@ def table(report: dict) -> str:
     for name, label in labels.items():
         row, stage = s[name], stages[name]
         if name.startswith("train"):
-            batch = stage["batch_size"]
+            batch = stage.get("batch_size", BATCH)  # results from before the field were all at BATCH
             label += f", {row['gflop_per_image']:.0f} GFLOP/image" + (f", batch {batch}" if batch != BATCH else "")
         rates = f"{stage['tfrecords']['images_per_second']:.1f} / {stage['memory']['images_per_second']:.1f}"
         rows.append((label, f"{rates} images/s", pct(row["vs_ceiling"]), pct(row["tfrecords_vs_memory"]),
