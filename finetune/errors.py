@@ -30,10 +30,10 @@ class EmptySplitError(DataError):
 class DownloadError(FinetuneError):
     """A download that failed, or whose file did not verify.
 
-    ``problem`` is what went wrong and ``fix`` what `finetune download` can do about it, the message being
-    both; a caller with other means (quickstart falls back to random weights) shows the problem alone.
+    The message is ``problem; fix``, the fix being what `finetune download` can do about it; a caller with
+    other means (quickstart falls back to random weights) shows ``problem`` alone.
     """
 
     def __init__(self, problem: str, fix: str = "") -> None:
         super().__init__(f"{problem}; {fix}" if fix else problem)
-        self.problem, self.fix = problem, fix
+        self.problem = problem
