@@ -767,7 +767,7 @@ def train(config: TrainConfig) -> TrainResult:
                 for tensor, feed in built.random_ops:
                     session.run(tensor, feed)
         else:
-            session.run(tf.compat.v1.global_variables_initializer())
+            model.initialise_all_but(session, built.restore_variables if plan.checkpoint else [])
             if plan.checkpoint:
                 model.restore(session, built.restore_variables, checkpoint)
             session.run(built.zero_head)

@@ -116,11 +116,15 @@ def test_default_exclusion_restores_everything_else_exactly(standin_checkpoint, 
     with tf.Graph().as_default():
         model.build(_images(), 5, train_scopes=model.PRESETS["logits"])
         to_restore = model.variables_to_restore(exclude)
+        uninitialised = tf.compat.v1.report_uninitialized_variables()
         with tf.compat.v1.Session() as session:
-            session.run(tf.compat.v1.global_variables_initializer())
+            model.initialise_all_but(session, to_restore)  # the restore fills the rest
+            left_to_restore = {name.decode() for name in session.run(uninitialised)}
             model.restore(session, to_restore, checkpoint)
+            assert session.run(uninitialised).size == 0
             values = _values(session, model.model_variables())
     restored = {v.op.name for v in to_restore}
+    assert left_to_restore == restored
     assert len(restored) == len(values) - sum(model.in_scopes(n, model.HEAD_SCOPES) for n in values)
     for name in restored:
         assert np.array_equal(values[name], checkpoint_values[name]), name
