@@ -1,19 +1,20 @@
 """Measures every stage of finetune on generated data against this machine's compute ceiling.
 
     python scripts/benchmark.py                # the full run
-    python scripts/benchmark.py --quick        # the same fields from fewer images and steps, training at batch 8
+    python scripts/benchmark.py --quick        # the same fields from fewer images and steps, smaller batches
     python scripts/benchmark.py --table        # the Markdown tables on stdout instead of the JSON
     python scripts/benchmark.py --work DIR     # keep the generated photos, dataset, models and results in DIR
     python scripts/benchmark.py --checkpoint checkpoints/inception_v3.ckpt   # the real weights, not a stand-in
 
 On this machine's 2 quiet cores the full run takes 11 1/2 minutes in a fresh --work (9 1/2 when the photos and
-features are already there) and --quick about 2 1/2 (2 min 34 s to 2 min 46 s in three fresh runs). --quick
-times 2 steps a phase instead of 6 to 10, on 200 photos instead of 2000, and trains at batch 8 instead of 32:
-per image that ran 2 to 7% below batch 32 here, and the training stages' peak memory is batch 8's. Each stage's
-``stage_seconds`` says where the time goes. In the 2 min 34 s run the six network stages took 27 s of timed
-steps, 27 s of untimed first steps (TensorFlow optimises the graph anew for each input) and 35 s of graph
-building, restoring and FLOP counting; the head-only ``finetune train`` with its feature extraction and two
-exports took 23 s, the agreement passes 14, predict 10, the photos and stand-in 6 and the ceiling 6.
+features are already there) and --quick about 2 (2 min 3 s to 2 min 6 s in three fresh runs). --quick times 2
+steps a phase instead of 6 to 10, on 200 photos instead of 2000, runs the forward at batch 16 and trains at
+batch 8 instead of 32: per image the forward at 16 ran within 1% of 32 here and training at 8 2 to 7% below,
+and the training stages' peak memory is batch 8's. Each stage's ``stage_seconds`` says where the time goes. In
+a 2 min 4 s run the six network stages took 20 s of timed steps, 20 s of untimed first steps (TensorFlow
+optimises the graph anew for each input) and 25 s of graph building and restoring; the head-only ``finetune
+train`` with its feature extraction and two exports took 22 s, the agreement passes 11, predict 10, the
+photos, stand-in and FLOP count 6 and the ceiling 4.
 
 Prints one JSON object on stdout and the tables on stderr. Everything runs on generated data, offline: a
 folder of clean JPEG photos from ``finetune.synthetic.make_image_folder`` and, unless --checkpoint names the
@@ -22,7 +23,7 @@ does not depend on the weights; the bf16 agreement does (see ``stage_agreement``
 are imported once; each stage then runs in a process forked from that one, so its peak resident memory is
 its own (the same figure a fresh process shows, see ``_run_stage``). Graph building and the first
 (graph-optimising) steps are kept off the clock; the JSON gives those first steps as ``warmup_seconds``.
-Stages, all at 299x299 and batch 32 (training at batch 8 under --quick):
+Stages, all at 299x299 and batch 32 (under --quick the forward at 16, training at 8):
 
 - ``ceiling``: 4096x4096 matmuls in TensorFlow, float32 and bfloat16, GFLOP/s;
 - ``build_dataset``: the photos to TFRecords with every core, images/s;
@@ -38,9 +39,9 @@ Stages, all at 299x299 and batch 32 (training at batch 8 under --quick):
 - ``agreement``: the eval graph ``finetune evaluate`` builds, at fp32 and at bf16 on the validation split,
   top-1 agreement, and a control: fp32 on images rounded to bfloat16, with how far each moves the features.
 
-FLOP accounting. The forward pass is counted from the graph (2 x multiply-adds of every convolution; batch
-norm, ReLU, pooling and concatenation are a few percent more and not counted) and comes to about 11.4
-GFLOP per image at 299, the figure the issue gives. Training a block costs its forward again twice over:
+FLOP accounting. ``prepare`` counts the forward pass from the graph (2 x multiply-adds of every convolution;
+batch norm, ReLU, pooling and concatenation are a few percent more and not counted): about 11.4 GFLOP per
+image at 299, the figure the issue gives. Training a block costs its forward again twice over:
 once for the gradient of its weights, once for the gradient of its input. So a step costs
 ``forward + aux head (when trained) + 2 x forward of the trained blocks`` per image: about 1x the forward
 for ``logits``, 1.35x for ``mixed_7`` and 3x for ``all``. It is an upper bound by the input gradient of each
@@ -96,18 +97,19 @@ class Settings:
     matmuls: int  # timed matmuls per type
     pipeline_batches: int  # timed batches of the input pipeline per transform
     forward_steps: int  # timed batches of the eval graph per input
+    forward_batch: int  # the forward stages' batch
     train_steps: dict  # timed training steps per preset and input
     blocks: int  # the forward and training stages' timed steps per input, in this many alternating blocks
-    train_batch: int  # the training stages' batch (the forward, predict and agreement run at BATCH)
+    train_batch: int  # the training stages' batch (predict and the agreement run at BATCH)
     warmup: int  # untimed steps before each timed run (and TFRecord block): graph optimisation, buffers
     finetune_steps: int  # steps of the head-only run that the export, predict and agreement stages use
     predict_images: int  # files labelled per .pb
 
 
-FULL = Settings(photos=2000, matmuls=10, pipeline_batches=30, forward_steps=10,
+FULL = Settings(photos=2000, matmuls=10, pipeline_batches=30, forward_steps=10, forward_batch=BATCH,
                 train_steps={"logits": 10, "mixed_7": 8, "all": 6}, train_batch=BATCH, blocks=3, warmup=2,
                 finetune_steps=60, predict_images=320)  # fmt: skip
-QUICK = Settings(photos=200, matmuls=3, pipeline_batches=6, forward_steps=2,
+QUICK = Settings(photos=200, matmuls=3, pipeline_batches=6, forward_steps=2, forward_batch=16,
                  train_steps={"logits": 2, "mixed_7": 2, "all": 2}, train_batch=8, blocks=1, warmup=1,
                  finetune_steps=10, predict_images=32)  # fmt: skip
 
@@ -277,9 +279,10 @@ def _reader_outputs(graph):
 
 
 def stage_prepare(work: Work) -> dict:
-    """Generates the photos and the stand-in checkpoint (untimed; reused when --work already has them).
+    """Generates the photos and the stand-in checkpoint (reused when --work already has them), counts FLOPs.
 
-    The two are made side by side: the stand-in's calibration in a forked child, the photos here.
+    Untimed. The stand-in's calibration runs in a forked child while this process makes the photos and then
+    counts the network's FLOPs, which takes less time than the stand-in does.
     """
     import multiprocessing
 
@@ -296,12 +299,14 @@ def stage_prepare(work: Work) -> dict:
         make_image_folder(work.photos, num_classes=CLASSES, images_per_class=work.settings.photos // CLASSES,
                           seed=0, min_side=240, max_side=500, png_fraction=0.0, jpeg_quality=90)  # fmt: skip
         (work.photos / ".complete").write_text("")
+    flops = _count_flops()
     if standin is not None:
         standin.join()
         if standin.exitcode != 0:
             raise RuntimeError(f"writing the stand-in checkpoint failed (exit {standin.exitcode})")
     files = [p for p in work.photos.rglob("*.jpg")]
-    return {"photos": len(files), "mean_jpeg_kb": round(sum(p.stat().st_size for p in files) / len(files) / 1024, 1)}
+    return {"photos": len(files), "mean_jpeg_kb": round(sum(p.stat().st_size for p in files) / len(files) / 1024, 1),
+            "gflop_per_image_by_block": flops}  # fmt: skip
 
 
 def stage_ceiling(work: Work) -> dict:
@@ -318,7 +323,7 @@ def stage_ceiling(work: Work) -> dict:
             product = tf.matmul(a, b)[0, 0]
             with tf.compat.v1.Session(config=_session_config()) as session:
                 session.run(tf.compat.v1.global_variables_initializer())
-                _run_steps(session, product, 2)
+                _run_steps(session, product, work.settings.warmup)
                 with _Clock() as clock:
                     steps = _run_steps(session, product, work.settings.matmuls)
         flops = 2 * n**3 * work.settings.matmuls
@@ -374,23 +379,23 @@ def _forward(work: Work, precision: str) -> dict:
     info = load_dataset(work.dataset)
     compute = precisions.resolve(precision)
     with tf.Graph().as_default() as graph:
-        batches = read_dataset(info, "train", batch_size=BATCH, image_size=IMAGE_SIZE, training=False,
-                               shuffle=False, repeat=True, drop_remainder=True)  # fmt: skip
+        batches = read_dataset(info, "train", batch_size=work.settings.forward_batch, image_size=IMAGE_SIZE,
+                               training=False, shuffle=False, repeat=True, drop_remainder=True)  # fmt: skip
         batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
         net = model.build(batch["image"], CLASSES, compute_dtype=compute.dtype)
         variables = model.variables_to_restore(model.HEAD_SCOPES)
         session = tf.compat.v1.Session(config=_session_config())
         with _closing(session) as closed:
-            session.run(tf.compat.v1.global_variables_initializer())
+            model.initialise_all_but(session, variables)
             model.restore(session, variables, model.open_checkpoint(work.checkpoint))
             image, _ = _reader_outputs(graph)
             result = _records_and_memory(session, net.probabilities, image, None, work.settings,
-                                          work.settings.forward_steps, BATCH)  # fmt: skip
+                                          work.settings.forward_steps, work.settings.forward_batch)  # fmt: skip
     return {**result, "close_seconds": closed.seconds}
 
 
 def stage_forward(work: Work) -> dict:
-    return {**_forward(work, "fp32"), "gflop_per_image_by_block": _count_flops()}
+    return _forward(work, "fp32")
 
 
 def stage_forward_bf16(work: Work) -> dict:
@@ -432,7 +437,7 @@ def _train(work: Work, preset: str, precision: str) -> dict:
     with built.graph.as_default():
         session = tf.compat.v1.Session(config=train._session_config(plan))
         with _closing(session) as closed:
-            session.run(tf.compat.v1.global_variables_initializer())
+            model.initialise_all_but(session, built.restore_variables)  # as `finetune train` starts
             model.restore(session, built.restore_variables, model.open_checkpoint(work.checkpoint))
             session.run(built.zero_head)
             image, label = _reader_outputs(built.graph)
@@ -625,7 +630,8 @@ def _training_gflop(flops: dict, scopes: list[str]) -> float:
 def summarise(stages: dict) -> dict:
     """The figures the issue asks for, derived from the stages' raw results, with the goals they meet."""
     ceiling = {"fp32": stages["ceiling"]["float32"]["gflops"], "bf16": stages["ceiling"]["bfloat16"]["gflops"]}
-    flops = stages["forward"]["gflop_per_image_by_block"]
+    # Counted by stage_forward in results from before prepare counted them.
+    flops = stages["prepare"].get("gflop_per_image_by_block") or stages["forward"]["gflop_per_image_by_block"]
     forward_gflop = sum(f for block, f in flops.items() if not block.endswith("AuxLogits"))
 
     def share(images_per_second: float, gflop: float, precision: str) -> float:
@@ -714,8 +720,9 @@ def table(report: dict) -> str:
     for name, label in labels.items():
         row, stage = s[name], stages[name]
         if name.startswith("train"):
-            batch = stage.get("batch_size", BATCH)  # results from before the field were all at BATCH
-            label += f", {row['gflop_per_image']:.0f} GFLOP/image" + (f", batch {batch}" if batch != BATCH else "")
+            label += f", {row['gflop_per_image']:.0f} GFLOP/image"
+        batch = stage.get("batch_size", BATCH)  # results from before the field were all at BATCH
+        label += f", batch {batch}" if batch != BATCH else ""
         rates = f"{stage['tfrecords']['images_per_second']:.1f} / {stage['memory']['images_per_second']:.1f}"
         rows.append((label, f"{rates} images/s", pct(row["vs_ceiling"]), pct(row["tfrecords_vs_memory"]),
                      use(stage["tfrecords"], stage["memory"]), gb(name)))  # fmt: skip
@@ -848,7 +855,7 @@ def _pretrained(path: str) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer images and steps, training at batch 8, same fields (about 2 1/2 minutes, not 11)")
+                        help="fewer images and steps, smaller batches, same fields (about 2 minutes, not 11 1/2)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table on stdout, not the JSON")
     parser.add_argument("--work", help="folder for the photos, dataset and models (default: a temporary one)")
     parser.add_argument("--checkpoint", help="the pretrained checkpoint to use (default: a generated stand-in)")
