@@ -10,7 +10,7 @@ On this machine's 2 quiet cores the full run takes 11 1/2 minutes in a fresh --w
 features are already there) and --quick about 2 (2 min 3 s to 2 min 6 s in three fresh runs). --quick times 2
 steps a phase instead of 6 to 10, on 200 photos instead of 2000, runs the forward at batch 16 and trains at
 batch 8 instead of 32: per image the forward at 16 ran within 1% of 32 here and training at 8 2 to 7% below,
-and the training stages' peak memory is batch 8's. Each stage's ``stage_seconds`` says where the time goes. In
+and those stages' peak memory is their batch's. Each stage's ``stage_seconds`` says where the time goes. In
 a 2 min 4 s run the six network stages took 20 s of timed steps, 20 s of untimed first steps (TensorFlow
 optimises the graph anew for each input) and 25 s of graph building and restoring; the head-only ``finetune
 train`` with its feature extraction and two exports took 22 s, the agreement passes 11, predict 10, the
@@ -91,7 +91,7 @@ GOALS = {
 
 @dataclass(frozen=True)
 class Settings:
-    """How much each stage does; --quick scales everything down but the image size and the forward's batch."""
+    """How much each stage does; --quick scales everything down but the image size."""
 
     photos: int  # generated photos, in CLASSES class folders
     matmuls: int  # timed matmuls per type
@@ -100,7 +100,7 @@ class Settings:
     forward_batch: int  # the forward stages' batch
     train_steps: dict  # timed training steps per preset and input
     blocks: int  # the forward and training stages' timed steps per input, in this many alternating blocks
-    train_batch: int  # the training stages' batch (predict and the agreement run at BATCH)
+    train_batch: int  # the training stages' batch (every stage but these and the forward runs at BATCH)
     warmup: int  # untimed steps before each timed run (and TFRecord block): graph optimisation, buffers
     finetune_steps: int  # steps of the head-only run that the export, predict and agreement stages use
     predict_images: int  # files labelled per .pb
@@ -630,8 +630,7 @@ def _training_gflop(flops: dict, scopes: list[str]) -> float:
 def summarise(stages: dict) -> dict:
     """The figures the issue asks for, derived from the stages' raw results, with the goals they meet."""
     ceiling = {"fp32": stages["ceiling"]["float32"]["gflops"], "bf16": stages["ceiling"]["bfloat16"]["gflops"]}
-    # Counted by stage_forward in results from before prepare counted them.
-    flops = stages["prepare"].get("gflop_per_image_by_block") or stages["forward"]["gflop_per_image_by_block"]
+    flops = stages["prepare"]["gflop_per_image_by_block"]
     forward_gflop = sum(f for block, f in flops.items() if not block.endswith("AuxLogits"))
 
     def share(images_per_second: float, gflop: float, precision: str) -> float:
@@ -895,6 +894,8 @@ def _report(args: argparse.Namespace, work: Work, pages: np.ndarray, started: fl
         "seconds": round(time.monotonic() - started, 1),
         "stages": stages,
     }
+    if "gflop_per_image_by_block" not in stages.get("prepare", {}):
+        stages.pop("prepare", None)  # kept from before prepare counted the FLOPs: rerun it
     missing = [name for name in STAGES if name not in stages]
     if missing:
         report["summary"] = f"needs the results of {', '.join(missing)}"

@@ -33,8 +33,8 @@ def benchmark():
 
 
 def _settings(benchmark, blocks: int, warmup: int):
-    return benchmark.Settings(photos=0, matmuls=0, pipeline_batches=0, forward_steps=0, forward_batch=1, train_steps={},
-                              blocks=blocks, train_batch=1, warmup=warmup, finetune_steps=0,
+    return benchmark.Settings(photos=0, matmuls=0, pipeline_batches=0, forward_steps=0, forward_batch=1,
+                              train_steps={}, blocks=blocks, train_batch=1, warmup=warmup, finetune_steps=0,
                               predict_images=0)  # fmt: skip
 
 
