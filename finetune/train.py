@@ -539,6 +539,18 @@ def _cached_features(plan: Plan) -> _FeatureTables:
     )
 
 
+def start_fresh(session, built: _Graph, checkpoint: model.Checkpoint | None) -> None:
+    """A new run's first values: the checkpoint's where it has them, initialisers elsewhere, a zeroed head.
+
+    Public so that scripts/benchmark.py times its training graphs from the start `finetune train` makes.
+    """
+    restored = built.restore_variables if checkpoint else []
+    model.initialise_all_but(session, restored)
+    if checkpoint:
+        model.restore(session, restored, checkpoint)
+    session.run(built.zero_head)
+
+
 def _zero_head(plan: Plan) -> list:
     """Ops that zero the new classifier layers: those of _ZERO_INIT_LAYERS the checkpoint does not restore.
 
@@ -750,6 +762,7 @@ def train(config: TrainConfig) -> TrainResult:
     built = _build_cached_graph(plan, start_step, tables) if tables else _build_graph(plan, start_step)
     with built.graph.as_default():
         trainable_parameters = model.parameter_count(model.trainable_variables(plan.trainable_scopes))
+        checkpoint = None
         if plan.checkpoint and not resume_from:
             checkpoint = model.open_checkpoint(plan.checkpoint)
             model.check_restorable(built.restore_variables, checkpoint)
@@ -767,10 +780,7 @@ def train(config: TrainConfig) -> TrainResult:
                 for tensor, feed in built.random_ops:
                     session.run(tensor, feed)
         else:
-            model.initialise_all_but(session, built.restore_variables if plan.checkpoint else [])
-            if plan.checkpoint:
-                model.restore(session, built.restore_variables, checkpoint)
-            session.run(built.zero_head)
+            start_fresh(session, built, checkpoint)
         built.initialize(session)
         writer = tf.compat.v1.summary.FileWriter(str(train_dir), graph=None if resume_from else built.graph)
         step = start_step
