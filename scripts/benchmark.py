@@ -190,8 +190,7 @@ def _run_steps(session, fetches, steps: int, feed: dict | None = None) -> list[f
     return seconds
 
 
-def _records_and_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int,
-                         batch: int) -> dict:
+def _records_and_memory(session, fetches, image_tensor, label_tensor, settings: Settings, steps: int) -> dict:
     """Steps a graph from its TFRecord reader and from one batch fed in place of the reader's output, in turns.
 
     Feeding the reader's output tensors cuts the reader out of the step: the same graph and session run,
@@ -209,6 +208,7 @@ def _records_and_memory(session, fetches, image_tensor, label_tensor, settings: 
     """
     inputs = [t for t in (image_tensor, label_tensor) if t is not None]
     feed = dict(zip(inputs, session.run(inputs)))
+    batch = len(feed[image_tensor])
     with _Clock() as memory_warmup:
         _run_steps(session, fetches, settings.warmup, feed)
     blocks = min(settings.blocks, steps)  # never an empty block
@@ -390,7 +390,7 @@ def _forward(work: Work, precision: str) -> dict:
             model.restore(session, variables, model.open_checkpoint(work.checkpoint))
             image, _ = _reader_outputs(graph)
             result = _records_and_memory(session, net.probabilities, image, None, work.settings,
-                                          work.settings.forward_steps, work.settings.forward_batch)  # fmt: skip
+                                          work.settings.forward_steps)  # fmt: skip
     return {**result, "close_seconds": closed.seconds}
 
 
@@ -437,13 +437,10 @@ def _train(work: Work, preset: str, precision: str) -> dict:
     with built.graph.as_default():
         session = tf.compat.v1.Session(config=train._session_config(plan))
         with _closing(session) as closed:
-            model.initialise_all_but(session, built.restore_variables)  # as `finetune train` starts
-            model.restore(session, built.restore_variables, model.open_checkpoint(work.checkpoint))
-            session.run(built.zero_head)
+            train.start_fresh(session, built, model.open_checkpoint(work.checkpoint))
             image, label = _reader_outputs(built.graph)
             steps = work.settings.train_steps[preset]
-            result = _records_and_memory(session, fetches, image, label, work.settings, steps,
-                                          work.settings.train_batch)  # fmt: skip
+            result = _records_and_memory(session, fetches, image, label, work.settings, steps)
     result.update(close_seconds=closed.seconds, trainable_scopes=list(plan.trainable_scopes),
                   augment=plan.augment, compute_dtype=plan.compute_dtype)  # fmt: skip
     return result

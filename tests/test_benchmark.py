@@ -51,7 +51,7 @@ def test_memory_blocks_read_nothing_and_every_tfrecord_block_is_drained_first(be
         with tf.compat.v1.Session() as session:
             session.run(seen.initializer)
             result = benchmark._records_and_memory(session, step, image, None, _settings(benchmark, blocks, warmup),
-                                                   steps, batch=2)  # fmt: skip
+                                                   steps)  # fmt: skip
             assert session.run(seen) == 0.0, "the last step was a memory step: it saw the one batch fed, batch 0"
             read = session.run(image)[0, 0, 0, 0]
     # One batch to feed, then per block its untimed steps and its timed ones; the memory steps read none.
