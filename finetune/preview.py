@@ -9,14 +9,13 @@ so what the picture shows is what training does.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import PreviewConfig
 from finetune.dataset import load_dataset, record_features
 from finetune.errors import FinetuneError
+from finetune.files import replacing
 
 PAIRS_PER_ROW = 2
 PADDING = 8  # pixels between cells
@@ -104,12 +103,6 @@ def preview_dataset(config: PreviewConfig) -> PreviewResult:
         draw.text((left, top + size + 2), caption, fill=CAPTION_COLOUR)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    os.close(handle)
-    try:
+    with replacing(out) as partial:
         canvas.save(partial, format=image_format)
-        os.replace(partial, out)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
     return PreviewResult(out=out, count=len(pairs), image_size=size, paths=tuple(pair[4] for pair in pairs))
