@@ -148,6 +148,10 @@ def _run_train(config: Any, args: argparse.Namespace) -> int:
         if result.first_loss is not None:
             print(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; "
                   f"train accuracy {result.train_accuracy:.4f}")  # fmt: skip
+        if result.lr_search:
+            search = result.lr_search
+            print(f"learning rate {result.learning_rate:.3g}, weight decay {result.weight_decay:g}: chosen from "
+                  f"{len(search['candidates'])} settings on held-out training images in {search['seconds']:.1f} s")  # fmt: skip
         if result.validation_accuracy is not None:
             print(f"validation accuracy {result.validation_accuracy:.4f}")
         if not result.pretrained:

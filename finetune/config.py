@@ -203,17 +203,37 @@ class TrainConfig:
     exclude: str | None = option(
         None, help="scopes not restored from --checkpoint (default: the head when the class count differs)"
     )
-    epochs: float | None = option(None, help="passes over the training split (default: 10)")
+    # None: derived from the data and the path (finetune/schedule.py): a cached head trains to convergence
+    # (100 passes, 2,000 to 20,000 steps), the whole network about 10 passes, fewer for large splits.
+    epochs: float | None = option(None, help="passes over the training split (default: derived from the data)")
     steps: int | None = option(None, help="training steps; overrides --epochs")
     batch_size: int = option(32, help="images per step, split evenly across devices")
     optimizer: str = option("adam", help="update rule", choices=OPTIMIZERS)
     learning_rate: float | None = option(
-        None, help="initial rate (default: by optimizer and depth, e.g. 0.001 for adam on logits)"
+        None, help="initial rate (default: searched on cached features, else by optimizer and depth, e.g. "
+        "0.001 for adam on logits)",
+    )  # fmt: skip
+    # None: cosine, unless a --decay-* flag asks for slim's staircase.
+    schedule: str | None = option(
+        None, help="learning rate over the run: cosine to zero, step (slim's staircase) or constant "
+        "(default: cosine; step when a --decay-* flag is given)", choices=("cosine", "step", "constant"),
+    )  # fmt: skip
+    decay_rate: float | None = option(None, help="with --schedule step: multiplier per period (default: 0.94)")
+    decay_epochs: float | None = option(None, help="with --schedule step: epochs per period (default: 2)")
+    warmup_epochs: float | None = option(
+        None, help="epochs of linear warm-up from zero (default: a twentieth of the run, at most 1,000 steps)"
     )
-    decay_rate: float = option(0.94, help="learning rate multiplier per decay period (staircase)")
-    decay_epochs: float = option(2.0, help="epochs per decay period")
-    warmup_epochs: float = option(0.0, help="epochs of linear warm-up from zero")
-    weight_decay: float = option(0.00004, help="L2 penalty on the trained weights only")
+    # None: slim's 0.00004, or the search's choice when it runs.
+    weight_decay: float | None = option(
+        None, help="L2 penalty on the trained weights only (default: 0.00004, or searched with the rate)"
+    )
+    # auto: a cached head's rate and weight decay come from trial runs on a held-out part of the training
+    # split (never the validation or test split), unless --learning-rate is given.
+    lr_search: str = option(
+        "auto", help="choose the learning rate and weight decay by short trial runs on held-out training "
+        "images: auto searches when the head trains on cached features and no --learning-rate is given",
+        choices=("auto", "on", "off"),
+    )  # fmt: skip
     label_smoothing: float = option(0.0, help="share of each label spread over the other classes")
     dropout_keep: float = option(0.8, help="keep probability of the dropout before the logits")
     augment: bool | None = option(
@@ -252,10 +272,12 @@ class TrainConfig:
             (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
             (self.steps is None or self.steps >= 1, "--steps must be at least 1"),
             (self.learning_rate is None or self.learning_rate > 0, "--learning-rate must be positive"),
-            (0 < self.decay_rate <= 1, "--decay-rate must be in (0, 1]"),
-            (self.decay_epochs > 0, "--decay-epochs must be positive"),
-            (self.warmup_epochs >= 0, "--warmup-epochs must be zero or more"),
-            (self.weight_decay >= 0, "--weight-decay must be zero or more"),
+            (self.decay_rate is None or 0 < self.decay_rate <= 1, "--decay-rate must be in (0, 1]"),
+            (self.decay_epochs is None or self.decay_epochs > 0, "--decay-epochs must be positive"),
+            (self.warmup_epochs is None or self.warmup_epochs >= 0, "--warmup-epochs must be zero or more"),
+            (self.weight_decay is None or self.weight_decay >= 0, "--weight-decay must be zero or more"),
+            (self.schedule in (None, "step") or (self.decay_rate is None and self.decay_epochs is None),
+             f"--decay-rate and --decay-epochs shape --schedule step; drop them or --schedule {self.schedule}"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (0 < self.dropout_keep <= 1, "--dropout-keep must be in (0, 1]"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
@@ -350,10 +372,8 @@ class QuickstartConfig:
     images_per_class: int = option(60, help="generated photos per class (5 classes)", metavar="N")
     # The size the network was pretrained at; the whole quickstart takes about a minute on 2 cores.
     image_size: int = option(299, help="network input size, 75 to 330", metavar="PIXELS")
-    # The head trains on cached features (one forward pass per photo), so an epoch costs milliseconds: 30
-    # took the head from 0.51 validation accuracy at 3 epochs to 0.61 (offline, random weights) at the
-    # same wall time.
-    epochs: float = option(30.0, help="passes over the training split")
+    # None: the schedule `finetune train` derives, with its learning-rate search: the plain command's result.
+    epochs: float | None = option(None, help="passes over the training split (default: derived, as in train)")
     steps: int | None = option(None, help="training steps; overrides --epochs", metavar="N")
     batch_size: int = option(32, help="images per training step", metavar="N")
     url: str | None = option(
@@ -367,7 +387,7 @@ class QuickstartConfig:
         # 20 per class leaves each class a few images in the 20% validation split.
         if self.images_per_class < 20:
             _fail("--images-per-class", f"must be at least 20, got {self.images_per_class}")
-        if not self.epochs > 0:
+        if self.epochs is not None and not self.epochs > 0:
             _fail("--epochs", f"must be positive, got {self.epochs}")
         if self.steps is not None and self.steps < 1:
             _fail("--steps", f"must be at least 1, got {self.steps}")

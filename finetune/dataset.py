@@ -829,19 +829,56 @@ def record_stream(
     from finetune.compat import tf
 
     files = [str(path) for path in info.files(split)]
+    return _in_training_order(
+        tf.data.Dataset.from_tensor_slices(files), tf.data.TFRecordDataset, len(files),
+        _shuffle_buffer(info, split), shuffle=shuffle, repeat=repeat, seed=seed, skip=skip,
+    )  # fmt: skip
+
+
+def row_stream(
+    info: DatasetInfo, split: str, records_per_file: list[int], *, repeat: bool, seed: int, skip: int = 0
+) -> "tf.data.Dataset":
+    """Like a shuffled :func:`record_stream`, but each record is its row: its index in file order.
+
+    The shuffles only ever see element positions, so ``(row, seed pair)`` comes out in exactly the order
+    and with exactly the pairs that record_stream gives the records, without reading a byte of the shards.
+    The cached-features path trains from this: a step costs a table lookup instead of a record parse.
+
+    Args:
+        records_per_file: how many records each of the split's shards holds, in shard order.
+    """
+    import numpy as np
+
+    from finetune.compat import tf
+
+    if len(records_per_file) != len(info.files(split)):
+        raise ValueError(f"{len(records_per_file)} record counts for {len(info.files(split))} {split} shards")
+    ends = np.cumsum(records_per_file)
+    starts = tf.constant(ends - np.asarray(records_per_file), tf.int64)
+    ends = tf.constant(ends, tf.int64)
+    return _in_training_order(
+        tf.data.Dataset.range(len(records_per_file)),
+        lambda index: tf.data.Dataset.range(starts[index], ends[index]),
+        len(records_per_file), _shuffle_buffer(info, split), shuffle=True, repeat=repeat, seed=seed, skip=skip,
+    )  # fmt: skip
+
+
+def _in_training_order(files, open_file, file_count: int, buffer: int, *, shuffle, repeat, seed, skip):
+    """The records of ``files`` (each opened by ``open_file``) in training order, each with a seed pair."""
+    from finetune.compat import tf
+
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
     if shuffle:
-        names = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
-        records = names.interleave(
-            tf.data.TFRecordDataset,
-            cycle_length=min(len(files), 16),
-            num_parallel_calls=min(len(files), 16),
+        records = files.shuffle(file_count, seed=seed).interleave(
+            open_file,
+            cycle_length=min(file_count, 16),
+            num_parallel_calls=min(file_count, 16),
             deterministic=True,
         )
-        records = records.shuffle(_shuffle_buffer(info, split), seed=seed, reshuffle_each_iteration=True)
+        records = records.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     else:
-        records = tf.data.TFRecordDataset(files)  # one shard after the other: file order
+        records = files.flat_map(open_file)  # one shard after the other: file order
     if repeat:
         records = records.repeat()
     # A stateless seed pair per record position, so augmentation is reproducible under a seed however many

@@ -118,6 +118,7 @@ class Example:
     image_sha256: bytes
     label: int
     path: bytes  # as the record stores it: file names need not be UTF-8
+    shard: int  # which of the split's shards holds it
 
 
 def scan_split(info, split: str) -> list[Example]:
@@ -125,13 +126,14 @@ def scan_split(info, split: str) -> list[Example]:
     from finetune.compat import tf
 
     examples = []
-    for shard in info.files(split):
+    for index, shard in enumerate(info.files(split)):
         for record in tf.compat.v1.io.tf_record_iterator(str(shard)):
             feature = tf.train.Example.FromString(record).features.feature
             examples.append(Example(
                 image_sha256=hashlib.sha256(feature["image/encoded"].bytes_list.value[0]).digest(),
                 label=int(feature["image/class/label"].int64_list.value[0]),
                 path=feature["image/filename"].bytes_list.value[0],
+                shard=index,
             ))  # fmt: skip
     return examples
 

@@ -277,6 +277,28 @@ def parameter_count(variables: Iterable[tf.Variable]) -> int:
     return sum(int(v.shape.num_elements()) for v in variables)
 
 
+def classification_loss(
+    logits: tf.Tensor,
+    labels: tf.Tensor,
+    num_classes: int,
+    *,
+    class_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+) -> tf.Tensor:
+    """Mean softmax cross-entropy of a batch, each example weighed by its class's weight when given.
+
+    The one loss of every path: the network's towers, the cached head and the learning-rate search, so a
+    rate chosen by the search is chosen for the loss the run then minimises.
+    """
+    weights = 1.0
+    if class_weights:
+        weights = tf.gather(tf.constant(class_weights, tf.float32), labels)
+    return tf.compat.v1.losses.softmax_cross_entropy(
+        tf.one_hot(labels, num_classes), logits, weights=weights, label_smoothing=label_smoothing,
+        loss_collection=None,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 

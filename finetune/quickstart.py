@@ -278,7 +278,7 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
     with stages.stage("build-dataset", f"{layout.photos} -> {layout.dataset}"):
         built = _build(config, layout)
 
-    length = f"{config.steps} steps" if config.steps else f"{config.epochs:g} epochs"
+    length = f"{config.steps} steps" if config.steps else f"{config.epochs:g} epochs" if config.epochs else "a schedule derived from the data"
     start = "the pretrained checkpoint" if pretrained else "random weights, not pretrained"
     with stages.stage("train", f"the new head for {length} at {config.image_size} px from {start}"):
         trained = train(TrainConfig(

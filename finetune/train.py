@@ -9,6 +9,7 @@ stops cleanly on Ctrl-C or a non-finite loss.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -24,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from finetune import __version__, model, precision
+from finetune import __version__, model, precision, schedule
 from finetune.config import DEFAULT_LEARNING_RATES, TrainConfig
 from finetune.errors import FinetuneError
 from finetune.features import default_cache_dir
@@ -35,7 +36,8 @@ log = logging.getLogger("finetune")
 CONFIG_FILE = "config.json"
 CHECKPOINT_NAME = "model.ckpt"
 AUX_LOSS_WEIGHT = 0.4  # the aux head's share of the loss while it trains (the Inception-v3 paper's choice)
-DEFAULT_EPOCHS = 10.0
+# slim's L2 penalty on trained weights; the learning-rate search on cached features chooses among others.
+DEFAULT_WEIGHT_DECAY = 0.00004
 # Settings a resumed run must share with the run it continues: they shape the variables or the data.
 _RESUME_MUST_MATCH = (
     "dataset_fingerprint", "classes", "trainable_scopes", "image_size", "optimizer", "feature_cache",
@@ -63,10 +65,12 @@ class Plan:
     total_steps: int
     optimizer: str
     learning_rate: float
-    decay_rate: float
-    decay_steps: int
+    schedule: str  # the rate's shape over the run: cosine, step (slim's staircase) or constant
+    decay_rate: float  # step only
+    decay_steps: int  # step only
     warmup_steps: int
     weight_decay: float
+    lr_search: str  # "on" when the cached head's rate and weight decay are searched, else "off (why)"
     label_smoothing: float
     dropout_keep: float
     augment: bool
@@ -83,6 +87,8 @@ class Plan:
     save_minutes: float
     keep_checkpoints: int
     eval_every: int
+    derived: tuple[str, ...] = ()  # which settings were derived from the data, and from what
+    lr_search_result: dict | None = None  # what the search tried and chose (finetune/lr_search.py)
     finetune_version: str = __version__
 
 
@@ -106,6 +112,9 @@ class TrainResult:
     devices: tuple[str, ...]
     pretrained: bool
     feature_cache: dict | None = None  # on the cached path: entries computed and reused, extraction speed
+    learning_rate: float | None = None  # the rate the run trained at (searched, given or the default)
+    weight_decay: float | None = None
+    lr_search: dict | None = None  # when the rate was searched: what was tried, chosen, and how long it took
     warnings: list[str] = field(default_factory=list)
 
 
@@ -133,6 +142,29 @@ def _feature_cache_decision(
     if config.feature_cache == "on":
         raise FinetuneError(f"--feature-cache on: {problem}; use --trainable logits without augmentation")
     return False, f"off ({problem})"
+
+
+def _lr_search_decision(config: TrainConfig, use_cache: bool) -> str:
+    """Whether the learning rate (and weight decay) are searched on the cached features, and if not why."""
+    if config.lr_search == "off":
+        return "off (--lr-search off)"
+    problem = None
+    if not use_cache:
+        problem = "the head does not train on cached features, where trial runs are cheap"
+    elif config.learning_rate is not None:
+        problem = "--learning-rate is given"
+    if problem is None:
+        return "on"
+    if config.lr_search == "on":
+        raise FinetuneError(f"--lr-search on: {problem}; drop --lr-search on, or train the head alone on the cache")
+    return f"off ({problem})"
+
+
+def _schedule(plan: Plan) -> schedule.Schedule:
+    return schedule.Schedule(
+        total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, warmup_steps=plan.warmup_steps,
+        shape=plan.schedule, decay_rate=plan.decay_rate, decay_steps=plan.decay_steps,
+    )  # fmt: skip
 
 
 def resolve_devices(spec: str) -> tuple[str, ...]:
@@ -221,17 +253,29 @@ def plan_training(config: TrainConfig) -> Plan:
             f"use a multiple of {len(devices)}"
         )
     compute = precision.resolve(config.precision, gpu=devices[0].startswith("/gpu"))
-    steps_per_epoch = math.ceil(train_count / config.batch_size)
-    epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
-    total_steps = config.steps if config.steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
     depth = _depth_preset(trainable)
     validation_count = info.split_counts.get("validation", 0)
-    eval_every = config.eval_every if config.eval_every is not None else steps_per_epoch
     augment = config.augment if config.augment is not None else (depth != "logits" or config.augment_views > 0)
     use_cache, cache_reason = _feature_cache_decision(config, trainable, tuple(exclude), checkpoint_path is not None, augment)
+    run = schedule.derive(
+        train_count, config.batch_size, "cached" if use_cache else "network", epochs=config.epochs,
+        steps=config.steps, warmup_epochs=config.warmup_epochs, shape=config.schedule,
+        decay_rate=config.decay_rate, decay_epochs=config.decay_epochs,
+    )  # fmt: skip
+    search = _lr_search_decision(config, use_cache)
+    eval_every = config.eval_every if config.eval_every is not None else run.steps_per_epoch
+    if use_cache and config.eval_every is None:
+        # A cached pass over the data takes milliseconds: validating after each of hundreds would cost more
+        # than training. Ten passes over the run show the curve.
+        eval_every = max(run.steps_per_epoch, math.ceil(run.total_steps / 10))
     # A cached step takes microseconds: saving every epoch would cost more than training, so the cached
     # path saves by time and at the end unless --save-every says otherwise.
-    save_every = config.save_every or (total_steps if use_cache else steps_per_epoch)
+    save_every = config.save_every or (run.total_steps if use_cache else run.steps_per_epoch)
+    learning_rate = config.learning_rate or DEFAULT_LEARNING_RATES[config.optimizer][depth]
+    derived = list(run.notes)
+    if config.learning_rate is None:
+        source = "the search chooses from a grid around it" if search == "on" else f"{config.optimizer} on {depth}"
+        derived.append(f"learning rate {learning_rate:g}: the default for {config.optimizer} on {depth} ({source})")
     return Plan(
         dataset=str(Path(config.dataset).resolve()),
         dataset_fingerprint=info.fingerprint,
@@ -243,14 +287,16 @@ def plan_training(config: TrainConfig) -> Plan:
         exclude_scopes=tuple(exclude),
         image_size=config.image_size,
         batch_size=config.batch_size,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
         optimizer=config.optimizer,
-        learning_rate=config.learning_rate or DEFAULT_LEARNING_RATES[config.optimizer][depth],
-        decay_rate=config.decay_rate,
-        decay_steps=max(1, round(config.decay_epochs * steps_per_epoch)),
-        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        weight_decay=config.weight_decay,
+        learning_rate=learning_rate,
+        schedule=run.shape,
+        decay_rate=run.decay_rate,
+        decay_steps=run.decay_steps,
+        warmup_steps=run.warmup_steps,
+        weight_decay=config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY,
+        lr_search=search,
         label_smoothing=config.label_smoothing,
         dropout_keep=config.dropout_keep,
         augment=augment,
@@ -267,6 +313,7 @@ def plan_training(config: TrainConfig) -> Plan:
         save_minutes=config.save_minutes,
         keep_checkpoints=config.keep_checkpoints,
         eval_every=eval_every if validation_count else 0,
+        derived=tuple(derived),
     )
 
 
@@ -360,29 +407,6 @@ def _stateful_random_ops(operations) -> list:
     return found
 
 
-def _learning_rate(plan: Plan, global_step):
-    from finetune.compat import tf
-
-    step = tf.cast(global_step, tf.float32)
-    rate = plan.learning_rate * tf.pow(plan.decay_rate, tf.floor(step / plan.decay_steps))
-    if plan.warmup_steps:
-        rate *= tf.minimum(1.0, (step + 1.0) / plan.warmup_steps)
-    return tf.identity(rate, name="learning_rate")
-
-
-def _optimizer(name: str, learning_rate):
-    from finetune.compat import tf
-
-    train = tf.compat.v1.train
-    if name == "rmsprop":  # slim's settings; epsilon 1.0 keeps early steps small on a fresh head
-        return train.RMSPropOptimizer(learning_rate, decay=0.9, momentum=0.9, epsilon=1.0)
-    if name == "momentum":
-        return train.MomentumOptimizer(learning_rate, momentum=0.9)
-    if name == "adam":
-        return train.AdamOptimizer(learning_rate)
-    return train.GradientDescentOptimizer(learning_rate)
-
-
 def _placement(device: str, towers: int):
     """Ops of a tower on its device; with several towers, the shared variables on the CPU."""
     if towers == 1:
@@ -394,17 +418,9 @@ def _placement(device: str, towers: int):
 def _tower_loss(net: model.Network, labels, plan: Plan, trained_weights: list):
     from finetune.compat import tf
 
-    classes = len(plan.classes)
-    onehot = tf.one_hot(labels, classes)
-    weights = 1.0
-    if plan.class_weights:
-        weights = tf.gather(tf.constant(plan.class_weights, tf.float32), labels)
-    losses = tf.compat.v1.losses
-
     def cross_entropy(logits):
-        return losses.softmax_cross_entropy(
-            onehot, logits, weights=weights, label_smoothing=plan.label_smoothing, loss_collection=None
-        )
+        return model.classification_loss(logits, labels, len(plan.classes), class_weights=plan.class_weights,
+                                         label_smoothing=plan.label_smoothing)  # fmt: skip
 
     loss = cross_entropy(net.logits)
     if net.aux_logits is not None:
@@ -433,9 +449,9 @@ def _build_graph(plan: Plan, start_step: int) -> _Graph:
             batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
             images = tf.split(batch["image"], towers)
             labels = tf.split(batch["label"], towers)
-        learning_rate = _learning_rate(plan, global_step)
+        learning_rate = schedule.rate_tensor(plan.learning_rate, _schedule(plan), global_step)
         compute = precision.Compute(plan.precision, plan.compute_dtype)
-        optimizer = precision.loss_scale_optimizer(_optimizer(plan.optimizer, learning_rate), compute)
+        optimizer = precision.loss_scale_optimizer(schedule.optimizer(plan.optimizer, learning_rate), compute)
         tower_gradients, tower_losses, tower_logits = [], [], []
         first_tower_op = len(graph.get_operations())
         for index, device in enumerate(plan.devices):
@@ -500,7 +516,9 @@ class _FeatureTables:
     """Cached features laid out for training: the train split in file order, views along axis 1."""
 
     train: np.ndarray  # [examples, views, 2048]
-    train_paths: list[bytes]  # each row's relative path, which the record stream maps back to the row
+    train_labels: np.ndarray  # [examples]
+    train_paths: list[bytes]  # each row's relative path
+    records_per_file: list[int]  # the train split's records per shard, in shard order
     validation: np.ndarray | None  # [examples, 2048]
     validation_labels: np.ndarray | None
     report: dict
@@ -532,11 +550,49 @@ def _cached_features(plan: Plan) -> _FeatureTables:
     validation = examples.get("validation")
     return _FeatureTables(
         train=np.stack([table("train", view) for view in views], axis=1),
+        train_labels=np.array([e.label for e in examples["train"]], np.int64),
         train_paths=[e.path for e in examples["train"]],
+        records_per_file=np.bincount([e.shard for e in examples["train"]],
+                                     minlength=len(info.files("train"))).tolist(),
         validation=table("validation", None) if validation else None,
         validation_labels=np.array([e.label for e in validation], np.int64) if validation else None,
         report=asdict(report),
     )
+
+
+def _searched(plan: Plan, tables: _FeatureTables, previous_config: Path | None) -> Plan:
+    """The plan with the searched learning rate and weight decay; a resumed run keeps what its start chose."""
+    from finetune import lr_search
+
+    if previous_config is not None:
+        previous = _read_json(previous_config)
+        if previous.get("lr_search_result"):
+            log.info(f"learning rate {previous['learning_rate']:g}, weight decay {previous['weight_decay']:g}: "
+                     "as the search chose when this run started")  # fmt: skip
+            return dataclasses.replace(plan, learning_rate=previous["learning_rate"],
+                                       weight_decay=previous["weight_decay"],
+                                       lr_search_result=previous["lr_search_result"])  # fmt: skip
+    if lr_search.fold_of_each(tables.train_paths, tables.train_labels, plan.seed).max() < 1:
+        log.warning("learning-rate search skipped: no class has two training images to hold one out")
+        return dataclasses.replace(plan, lr_search="off (no class has two training images)")
+    settings = lr_search.SearchSettings(
+        optimizer=plan.optimizer, base_rate=plan.learning_rate, batch_size=plan.batch_size,
+        dropout_keep=plan.dropout_keep, label_smoothing=plan.label_smoothing, class_weights=plan.class_weights,
+        num_classes=len(plan.classes), schedule=_schedule(plan), seed=plan.seed,
+    )  # fmt: skip
+    found = lr_search.search(tables.train, tables.train_labels, tables.train_paths, settings, _session_config(plan))
+    extraction = tables.report["seconds"]
+    log.info(
+        f"learning-rate search: {len(found.candidates)} settings x {found.folds} folds x {found.trial_steps} "
+        f"steps on {found.holdout_examples} held-out training images in {found.seconds:.1f} s (feature "
+        f"extraction {extraction:.1f} s): learning rate {found.learning_rate:.3g}, weight decay {found.weight_decay:g}"
+        + (f" (grid widened {found.widened})" if found.widened else "")
+    )
+    chosen = (f"learning rate {found.learning_rate:.3g}, weight decay {found.weight_decay:g}: searched "
+              f"({len(found.candidates)} settings on {found.folds} folds of the training split)")  # fmt: skip
+    derived = tuple(n for n in plan.derived if not n.startswith("learning rate")) + (chosen,)
+    return dataclasses.replace(plan, learning_rate=found.learning_rate, weight_decay=found.weight_decay,
+                               lr_search_result=json.loads(json.dumps(asdict(found))), derived=derived)  # fmt: skip
 
 
 def start_fresh(session, built: _Graph, checkpoint: model.Checkpoint | None) -> None:
@@ -568,11 +624,11 @@ def _zero_head(plan: Plan) -> list:
 def _build_cached_graph(plan: Plan, start_step: int, tables: _FeatureTables) -> _Graph:
     """The head alone, trained on cached features, beside every network variable so checkpoints are whole.
 
-    The batches come from the same record stream as the full path's (same order, same seeds, same skip on
-    resume); each record is mapped to its row of cached features instead of being decoded.
+    The batches come in the full path's order, with its seeds and its skip on resume (dataset.row_stream),
+    as rows of the cached features: no record is read or decoded while the head trains.
     """
     from finetune.compat import tf
-    from finetune.dataset import load_dataset, record_stream
+    from finetune.dataset import load_dataset, row_stream
 
     info = load_dataset(plan.dataset)
     classes = len(plan.classes)
@@ -583,25 +639,14 @@ def _build_cached_graph(plan: Plan, start_step: int, tables: _FeatureTables) -> 
         tf.compat.v1.set_random_seed(plan.seed)
         global_step = tf.compat.v1.train.get_or_create_global_step()
         with tf.device("/cpu:0"):
-            rows_by_path = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(
-                    tf.constant(tables.train_paths), tf.range(len(tables.train_paths), dtype=tf.int64)
-                ),
-                default_value=-1,
-            )
-            keys = {"image/filename": tf.io.FixedLenFeature((), tf.string),
-                    "image/class/label": tf.io.FixedLenFeature((), tf.int64)}  # fmt: skip
-
-            def locate(record, pair):
-                parsed = tf.io.parse_single_example(record, keys)
-                return rows_by_path.lookup(parsed["image/filename"]), parsed["image/class/label"], pair
-
-            stream = record_stream(info, "train", shuffle=True, repeat=True, seed=plan.seed,
-                                   skip=start_step * plan.batch_size)  # fmt: skip
+            # Rows in the order the records would come (same seeds, same skip on resume), without reading them.
+            stream = row_stream(info, "train", tables.records_per_file, repeat=True, seed=plan.seed,
+                                skip=start_step * plan.batch_size)  # fmt: skip
             iterator = tf.compat.v1.data.make_initializable_iterator(
-                stream.map(locate).batch(plan.batch_size, drop_remainder=True).prefetch(8)
+                stream.batch(plan.batch_size, drop_remainder=True).prefetch(8)
             )
-            rows, labels, pairs = iterator.get_next()
+            rows, pairs = iterator.get_next()
+            labels = tf.gather(tf.constant(tables.train_labels), rows)
             train_values = tf.compat.v1.placeholder(tf.float32, tables.train.shape)
             train_table = tf.compat.v1.Variable(train_values, trainable=False, collections=local)
             # Each time an image is drawn, one of its cached views, chosen by the stream's seed for it.
@@ -621,8 +666,8 @@ def _build_cached_graph(plan: Plan, start_step: int, tables: _FeatureTables) -> 
 
             logits = head(features, training=True)
             loss = _tower_loss(SimpleNamespace(logits=logits, aux_logits=None), labels, plan, [weights])
-            learning_rate = _learning_rate(plan, global_step)
-            train_op = _optimizer(plan.optimizer, learning_rate).minimize(
+            learning_rate = schedule.rate_tensor(plan.learning_rate, _schedule(plan), global_step)
+            train_op = schedule.optimizer(plan.optimizer, learning_rate).minimize(
                 loss, global_step=global_step, var_list=[weights, biases]
             )
             random_ops = _stateful_random_ops(graph.get_operations()[first_head_op:])
@@ -635,10 +680,8 @@ def _build_cached_graph(plan: Plan, start_step: int, tables: _FeatureTables) -> 
             validation_accuracy = tf.reduce_mean(tf.cast(hits, tf.float64))
             feeds[validation_table.initializer] = {validation_values: tables.validation}
             validate = lambda session: float(session.run(validation_accuracy))  # noqa: E731
-        tables_initializer = tf.compat.v1.tables_initializer()
 
         def initialize(session) -> None:
-            session.run(tables_initializer)
             for initializer, feed in feeds.items():
                 session.run(initializer, feed)
             session.run(iterator.initializer)
@@ -718,6 +761,9 @@ def _log_summary(plan: Plan, trainable_parameters: int, resume_from: str | None,
         f"steps: {plan.steps_per_epoch} per epoch at batch {plan.batch_size}, {plan.total_steps} in all; "
         f"{plan.optimizer} at learning rate {plan.learning_rate:g}"
     )
+    log.info(f"schedule: {plan.schedule}, warm-up {plan.warmup_steps} steps; learning-rate search {plan.lr_search}")
+    for note in plan.derived:
+        log.info(f"  {note}")
     log.info(f"devices: {', '.join(plan.devices)}")
     log.info(f"feature cache: {plan.feature_cache_reason}")
     for warning in warnings:
@@ -759,6 +805,8 @@ def train(config: TrainConfig) -> TrainResult:
                            [], [], None, None, started, warnings)  # fmt: skip
 
     tables = _cached_features(plan) if plan.feature_cache else None
+    if plan.lr_search == "on":
+        plan = _searched(plan, tables, train_dir / CONFIG_FILE if resume_from else None)
     built = _build_cached_graph(plan, start_step, tables) if tables else _build_graph(plan, start_step)
     with built.graph.as_default():
         trainable_parameters = model.parameter_count(model.trainable_variables(plan.trainable_scopes))
@@ -856,5 +904,8 @@ def _result(plan, train_dir, checkpoint, status, start_step, step, losses, accur
         peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         devices=plan.devices,
         pretrained=plan.checkpoint is not None,
+        learning_rate=plan.learning_rate,
+        weight_decay=plan.weight_decay,
+        lr_search=plan.lr_search_result,
         warnings=warnings,
     )

@@ -68,7 +68,7 @@ def _tensor(checkpoint, name):
 def test_head_on_cached_features_matches_the_head_trained_through_the_network(photos_and_dataset, standin_checkpoint):
     root = photos_and_dataset
     # 107 pixels: the full path trains the aux head too, which must not change the Logits layer's path.
-    common = dict(image_size=107, steps=12, dropout_keep=1.0)
+    common = dict(image_size=107, steps=12, dropout_keep=1.0, lr_search="off")  # the same rate on both paths
     full = train(_config(root, standin_checkpoint, "full", feature_cache="off", **common))
     cached = train(_config(root, standin_checkpoint, "cached", feature_cache="on", **common))
     assert full.feature_cache is None and cached.feature_cache["computed"] > 0
