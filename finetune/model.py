@@ -36,6 +36,7 @@ from finetune.network import (  # noqa: F401
     ROOT,
     SCOPES,
 )
+from finetune.rundir import newest_checkpoint
 
 # Name of the collection that holds batch-norm moving-statistics updates of the layers being trained. Any name
 # but tf.GraphKeys.UPDATE_OPS keeps slim.batch_norm on its fused path (see finetune/compat.py); the train op
@@ -281,8 +282,6 @@ class Checkpoint:
 def _checkpoint_prefix(path: str, flag: str) -> str:
     """Finds the checkpoint a path means: a V1 file, a V2 prefix (or one of its files), or a folder."""
     if os.path.isdir(path):
-        from finetune.rundir import newest_checkpoint
-
         latest = newest_checkpoint(path)
         if latest:
             return latest
