@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field
 from typing import Any, NoReturn, Sequence
 
+from finetune import network
 from finetune.errors import FinetuneError
 from finetune.pretrained import DEFAULT_MODEL, PRETRAINED
 
@@ -50,6 +51,7 @@ def _fail(flag: str, problem: str) -> NoReturn:
 # fp32: float32 everywhere. bf16: the network computes in bfloat16 (float16 on GPUs without bfloat16) while
 # variables, logits, softmax and loss stay float32; see finetune/precision.py.
 PRECISIONS = ("fp32", "bf16")
+_SIZE_RANGE = f"{network.MIN_IMAGE_SIZE} to {network.MAX_IMAGE_SIZE}"  # the input sizes slim's InceptionV3 takes
 
 
 def check_precision(value: str | None, flag: str = "--precision") -> str | None:
@@ -116,9 +118,8 @@ class PreviewConfig:
     )
     out: str = option("preview.png", help="image file to write (.png or .jpg)", metavar="FILE")
     count: int = option(8, help="training examples to show", metavar="N")
-    # InceptionV3's pretrained input size (finetune.model.DEFAULT_IMAGE_SIZE; not imported: it loads TF).
     image_size: int = option(
-        299, help="network input size the examples are preprocessed to", metavar="PIXELS"
+        network.DEFAULT_IMAGE_SIZE, help="network input size the examples are preprocessed to", metavar="PIXELS"
     )
     seed: int = option(0, help="picks the examples and their random crops")
 
@@ -174,17 +175,7 @@ class DownloadConfig:
             raise FinetuneError(f"--retries {self.retries}: must be 0 or more")
 
 
-# Default learning rates by optimizer and by the depth of the layers trained. Adam is the default: its steps
-# do not depend on the scale of the features, so one rate suits a new head on any backbone (Keras's
-# transfer-learning recipe: 1e-3 for the head, 1e-5 for the whole network). The RMSProp row is slim's flowers
-# recipe (epsilon 1.0: 0.01 for the head, 0.0001 for everything); presets in between are interpolated.
-DEFAULT_LEARNING_RATES = {
-    "adam": {"logits": 0.001, "mixed_7": 0.0001, "mixed_6": 0.00005, "all": 0.00001},
-    "rmsprop": {"logits": 0.01, "mixed_7": 0.001, "mixed_6": 0.0005, "all": 0.0001},
-    "momentum": {"logits": 0.01, "mixed_7": 0.001, "mixed_6": 0.0005, "all": 0.0001},
-    "sgd": {"logits": 0.1, "mixed_7": 0.01, "mixed_6": 0.005, "all": 0.001},
-}
-OPTIMIZERS = tuple(DEFAULT_LEARNING_RATES)
+OPTIMIZERS = tuple(network.DEFAULT_LEARNING_RATES)  # the default rate of each is in finetune/network.py
 
 
 @dataclass(frozen=True)
@@ -198,7 +189,7 @@ class TrainConfig:
         help="weights to start from: a .ckpt file, an earlier train dir, or 'none' for random weights",
     )
     trainable: str = option(
-        "logits", help="layers to train: a preset (logits, mixed_7, mixed_6, all) or comma-separated scopes"
+        "logits", help=f"layers to train: a preset ({', '.join(network.PRESETS)}) or comma-separated scopes"
     )
     exclude: str | None = option(
         None, help="scopes not restored from --checkpoint (default: the head when the class count differs)"
@@ -211,7 +202,7 @@ class TrainConfig:
     optimizer: str = option("adam", help="update rule", choices=OPTIMIZERS)
     learning_rate: float | None = option(
         None, help="initial rate (default: searched on cached features, else by optimizer and depth, e.g. "
-        "0.001 for adam on logits)",
+        f"{network.DEFAULT_LEARNING_RATES['adam']['logits']:g} for adam on logits)",
     )  # fmt: skip
     # None: cosine, unless a --decay-* flag asks for slim's staircase.
     schedule: str | None = option(
@@ -250,7 +241,7 @@ class TrainConfig:
         0, help="with the feature cache, cache this many augmented views of each training image (turns --augment on)"
     )
     cache_dir: str | None = option(None, help="feature cache folder (default: $XDG_CACHE_HOME/finetune/features)")
-    image_size: int = option(299, help="square input size in pixels, 75 to 330")
+    image_size: int = option(network.DEFAULT_IMAGE_SIZE, help=f"square input size in pixels, {_SIZE_RANGE}")
     seed: int = option(0, help="seed for shuffling, augmentation and new weights")
     device: str = option(
         "auto", help="auto, cpu, gpu, gpu:N (N GPUs), or cpu:N (N CPU towers, to test the multi-device path)"
@@ -371,7 +362,7 @@ class QuickstartConfig:
     # 5 classes x 60 = 300 photos: enough for a validation split of about 60 and a result worth reading.
     images_per_class: int = option(60, help="generated photos per class (5 classes)", metavar="N")
     # The size the network was pretrained at; the whole quickstart takes about a minute on 2 cores.
-    image_size: int = option(299, help="network input size, 75 to 330", metavar="PIXELS")
+    image_size: int = option(network.DEFAULT_IMAGE_SIZE, help=f"network input size, {_SIZE_RANGE}", metavar="PIXELS")
     # None: the schedule `finetune train` derives, with its learning-rate search: the plain command's result.
     epochs: float | None = option(None, help="passes over the training split (default: derived, as in train)")
     steps: int | None = option(None, help="training steps; overrides --epochs", metavar="N")

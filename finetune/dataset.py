@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 from finetune import __version__
 from finetune.config import BuildDatasetConfig
 from finetune.errors import DataError, EmptySplitError
+from finetune.network import EXIF_ORIENTATION, JPEG_QUALITY
 from finetune.progress import Progress
 
 if TYPE_CHECKING:
@@ -62,11 +63,8 @@ FORMAT_VERSION = 1
 # TensorFlow's input-pipeline guide: shards of 100 MB or more read at full speed; fewer, larger files also
 # keep a small dataset in one file per split.
 SHARD_TARGET_BYTES = 100 * 2**20
-# Converted images are re-encoded once, so keep them close to lossless.
-JPEG_QUALITY = 95
 # The training shuffle buffer holds encoded images; cap its memory rather than its length.
 SHUFFLE_BUFFER_BYTES = 256 * 2**20
-_EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # Pillow's names for files TensorFlow's JPEG decoder reads as they are. MPO (phones, stereo cameras) is a
@@ -221,7 +219,7 @@ class _Skip:
 def _orientation(image: PILImage.Image) -> int:
     """The EXIF orientation (1 = upright; 2-8 need a flip or turn); 1 when absent or unreadable."""
     try:
-        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # a broken EXIF block does not make the picture unusable
         return 1
     return value if value in range(2, 9) else 1

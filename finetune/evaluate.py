@@ -162,11 +162,6 @@ def draw_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
 # ------------------------------------------------------------------------------------------- predictions
 
 
-def _latest_step(checkpoint: str) -> int | None:
-    tail = checkpoint.rsplit("-", 1)
-    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
-
-
 def predict_split(info, split: str, batch_size: int, image_size: int, build_probabilities, restore):
     """Runs the split once through a graph; returns probabilities, labels, paths, seconds.
 
@@ -228,7 +223,7 @@ def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str
 def frozen_source(model_path: Path):
     """Graph builder for an exported .pb, fed through its preprocessed `input` tensor."""
     from finetune.compat import tf
-    from finetune.export import load_graph_def
+    from finetune.modelfile import load_graph_def
 
     graph_def = load_graph_def(model_path)
 
@@ -246,45 +241,39 @@ def frozen_source(model_path: Path):
 
 def _resolve(config: EvaluateConfig):
     """What to evaluate (checkpoint or .pb), on which dataset, at which size; where to write the report."""
-    from finetune import train
+    from finetune import modelfile, rundir
     from finetune.dataset import load_dataset
 
     if (config.train_dir is None) == (config.model is None):
         raise FinetuneError("pass --train-dir (a training run) or --model (an exported .pb), one of them")
     if config.model:
-        from finetune.export import load_sidecar
-
-        sidecar = load_sidecar(Path(config.model))
-        dataset = config.dataset or sidecar.get("dataset")
+        exported = modelfile.read_model(config.model)
+        dataset = config.dataset or exported.dataset
         if not dataset:
             raise FinetuneError(f"--model {config.model}: its sidecar names no dataset; pass --dataset")
         info = load_dataset(dataset, flag="--dataset")
-        if list(info.classes) != list(sidecar["classes"]):
+        if info.classes != exported.classes:
             raise FinetuneError(
-                f"--model {config.model} was exported for classes {sidecar['classes']}, but {dataset} has "
+                f"--model {config.model} was exported for classes {list(exported.classes)}, but {dataset} has "
                 f"{list(info.classes)}; pass the --dataset it was trained on"
             )
         out_dir = Path(config.model).parent
         report = out_dir / f"{Path(config.model).stem}.eval-{config.split}.json"
-        return info, int(sidecar["image_size"]), None, report
+        return info, exported.image_size, None, report
     train_dir = Path(config.train_dir)
-    config_path = train_dir / train.CONFIG_FILE
-    if not config_path.exists():
-        raise FinetuneError(f"--train-dir {train_dir}: no {train.CONFIG_FILE}; pass the folder `finetune train` wrote")
-    plan = json.loads(config_path.read_text())
-    info = load_dataset(config.dataset or plan["dataset"], flag="--dataset")
-    if list(info.classes) != list(plan["classes"]):
+    run = rundir.read_run_config(train_dir)
+    info = load_dataset(config.dataset or run.dataset, flag="--dataset")
+    if info.classes != run.classes:
         raise FinetuneError(
             f"--dataset {info.root} has classes {list(info.classes)}, but {train_dir} was trained on "
-            f"{plan['classes']}; pass the dataset it was trained on"
+            f"{list(run.classes)}; pass the dataset it was trained on"
         )
-    return info, int(plan["image_size"]), train_dir, train_dir / f"eval-{config.split}.json"
+    return info, run.image_size, train_dir, train_dir / f"eval-{config.split}.json"
 
 
 def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluation:
     """Evaluates a train dir's newest checkpoint (or --checkpoint), or an exported .pb, on one split."""
-    from finetune import precision
-    from finetune.compat import tf
+    from finetune import precision, rundir
 
     info, image_size, train_dir, report = _resolve(config)
     if config.split not in info.split_counts or not info.split_counts[config.split]:
@@ -294,14 +283,13 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         )
     classes = list(info.classes)
     if config.model:
-        from finetune.export import frozen_precision
+        from finetune.modelfile import read_model
 
         source = str(Path(config.model).resolve())
-        used = precision.check_frozen_precision(frozen_precision(Path(config.model)), config.precision,
-                                                config.model)  # fmt: skip
+        used = precision.check_frozen_precision(read_model(config.model).precision, config.precision, config.model)
         build, restore = frozen_source(Path(config.model))
     else:
-        source = checkpoint or config.checkpoint or tf.train.latest_checkpoint(str(train_dir))
+        source = checkpoint or config.checkpoint or rundir.newest_checkpoint(train_dir)
         if not source:
             raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
         compute = precision.resolve(config.precision or "fp32")
@@ -321,7 +309,7 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         split=config.split,
         classes=classes,
         source=source,
-        global_step=None if config.model else _latest_step(source),
+        global_step=None if config.model else rundir.checkpoint_step(source),
         dataset=str(info.root),
         dataset_fingerprint=info.fingerprint,
         seconds=seconds,
@@ -342,6 +330,7 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
     Writes ``eval/<split>_accuracy`` into the train dir's TensorBoard events and calls ``on_evaluation``
     with each result. Returns how many checkpoints it evaluated.
     """
+    from finetune import rundir
     from finetune.compat import tf
 
     if config.model or not config.train_dir:
@@ -352,13 +341,13 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
     waited_since = time.monotonic()
     try:
         while True:
-            latest = tf.train.latest_checkpoint(str(train_dir))
+            latest = rundir.newest_checkpoint(train_dir)
             if latest and latest not in seen:
                 seen.add(latest)
                 try:
                     evaluation = evaluate(config, checkpoint=latest)
                 except FinetuneError as exc:
-                    if tf.train.latest_checkpoint(str(train_dir)) != latest:
+                    if rundir.newest_checkpoint(train_dir) != latest:
                         continue  # removed by the trainer's rotation while we read it: take the newer one
                     raise exc
                 if writer is None:
@@ -388,7 +377,6 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
 
 
 def _training_finished(train_dir: Path, step: int | None) -> bool:
-    from finetune import train
+    from finetune import rundir
 
-    plan = json.loads((train_dir / train.CONFIG_FILE).read_text())
-    return step is not None and step >= int(plan["total_steps"])
+    return step is not None and step >= rundir.read_run_config(train_dir).total_steps

@@ -14,23 +14,18 @@ names the probabilities too.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import __version__
+from finetune import modelfile
 from finetune.config import ExportConfig
 from finetune.errors import FinetuneError
 
-INPUT = "input"
-IMAGE_BYTES = "image_bytes"
-PROBABILITIES = "probabilities"
-LOGITS = "logits"
-SLIM_OUTPUT = "InceptionV3/Predictions/Reshape_1"
-CENTRAL_FRACTION = 0.875
+# The tensor names belong to the exported model's format, which finetune/modelfile.py reads and writes.
+from finetune.modelfile import IMAGE_BYTES, INPUT, LOGITS, PROBABILITIES, SLIM_OUTPUT
+from finetune.network import EVAL_CENTRAL_FRACTION
 
 
 @dataclass
@@ -47,50 +42,6 @@ class ExportResult:
     precision: str = "fp32"
 
 
-def sidecar_paths(model_path: Path) -> tuple[Path, Path]:
-    """The labels file and JSON sidecar that sit beside a .pb: model.labels.txt and model.json."""
-    return model_path.with_suffix(".labels.txt"), model_path.with_suffix(".json")
-
-
-def load_graph_def(model_path: Path, flag: str = "--model"):
-    """Reads a frozen GraphDef, with a FinetuneError that names the file when it is not one."""
-    from finetune.compat import tf
-
-    try:
-        data = Path(model_path).read_bytes()
-    except OSError as exc:
-        raise FinetuneError(f"{flag} {model_path}: cannot read ({exc.strerror}); run `finetune export` first")
-    graph_def = tf.compat.v1.GraphDef()
-    try:
-        graph_def.ParseFromString(data)
-    except Exception:  # protobuf's DecodeError, whose module path varies between protobuf builds
-        raise FinetuneError(f"{flag} {model_path}: not a TensorFlow GraphDef; pass the .pb `finetune export` wrote")
-    names = {node.name for node in graph_def.node}
-    if not {INPUT, PROBABILITIES} <= names:
-        raise FinetuneError(
-            f"{flag} {model_path}: a GraphDef without '{INPUT}' and '{PROBABILITIES}' nodes; "
-            "pass a .pb written by `finetune export`"
-        )
-    return graph_def
-
-
-def load_sidecar(model_path: Path, flag: str = "--model") -> dict:
-    """Reads model.json beside a .pb (class names, image size, tensor names)."""
-    _, sidecar = sidecar_paths(Path(model_path))
-    try:
-        return json.loads(sidecar.read_text())
-    except (OSError, ValueError) as exc:
-        raise FinetuneError(
-            f"{flag} {model_path}: its sidecar {sidecar} is missing or unreadable ({exc}); "
-            "export the model again with `finetune export`"
-        )
-
-
-def frozen_precision(model_path: Path, flag: str = "--model") -> str:
-    """The precision a .pb was exported at, from its model.json (fp32 for .pb files from before bf16)."""
-    return str(load_sidecar(model_path, flag).get("precision", "fp32"))
-
-
 def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32"):
     """Builds the inference network with both entry points in the current graph; returns the outputs.
 
@@ -102,7 +53,7 @@ def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = 
 
     image_bytes = tf.compat.v1.placeholder(tf.string, [None], name=IMAGE_BYTES)
     decoded = tf.map_fn(
-        lambda encoded: preprocess_for_eval(decode_image(encoded), image_size, central_fraction=CENTRAL_FRACTION),
+        lambda encoded: preprocess_for_eval(decode_image(encoded), image_size, central_fraction=EVAL_CENTRAL_FRACTION),
         image_bytes,
         fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         name="preprocess",
@@ -146,16 +97,13 @@ def _write_saved_model(graph_def, directory: Path, image_size: int, num_classes:
 
 def export(config: ExportConfig) -> ExportResult:
     """Freezes the run's newest checkpoint (or --checkpoint) into a .pb with its labels and sidecar."""
-    from finetune import model, precision, train
+    from finetune import model, precision, rundir
     from finetune.compat import tf
 
     train_dir = Path(config.train_dir)
-    config_path = train_dir / train.CONFIG_FILE
-    if not config_path.exists():
-        raise FinetuneError(f"--train-dir {train_dir}: no {train.CONFIG_FILE}; pass the folder `finetune train` wrote")
-    plan = json.loads(config_path.read_text())
-    classes, image_size = list(plan["classes"]), int(plan["image_size"])
-    checkpoint_path = config.checkpoint or tf.train.latest_checkpoint(str(train_dir))
+    run = rundir.read_run_config(train_dir)
+    classes, image_size = list(run.classes), run.image_size
+    checkpoint_path = config.checkpoint or rundir.newest_checkpoint(train_dir)
     if not checkpoint_path:
         raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
     checkpoint = model.open_checkpoint(checkpoint_path)
@@ -178,47 +126,20 @@ def export(config: ExportConfig) -> ExportResult:
                 session, graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT]
             )
     data = frozen.SerializeToString()
-    labels_path, sidecar_path = sidecar_paths(out)
-    step = int(checkpoint.path.rsplit("-", 1)[1]) if checkpoint.path.rsplit("-", 1)[-1].isdigit() else None
-    sidecar = {
-        "format": "finetune frozen InceptionV3",
-        "inputs": {
-            IMAGE_BYTES: {"dtype": "string", "shape": [None], "what": "encoded JPEG, PNG, GIF or BMP files"},
-            INPUT: {"dtype": "float32", "shape": [None, image_size, image_size, 3],
-                    "what": "images preprocessed into [-1, 1]"},
-        },  # fmt: skip
-        "outputs": {
-            PROBABILITIES: {"dtype": "float32", "shape": [None, len(classes)], "also": SLIM_OUTPUT},
-            LOGITS: {"dtype": "float32", "shape": [None, len(classes)]},
-        },
-        "image_size": image_size,
-        "precision": config.precision,
-        "compute_dtype": compute_dtype,
-        "preprocessing": {
-            "central_crop_fraction": CENTRAL_FRACTION,
-            "resize": "bilinear",
-            "scale": "x / 255 * 2 - 1, into [-1, 1]",
-        },
-        "classes": classes,
-        "checkpoint": str(Path(checkpoint.path).resolve()),
-        "global_step": step,
-        "dataset": plan["dataset"],
-        "dataset_fingerprint": plan["dataset_fingerprint"],
-        "pretrained_from": plan.get("checkpoint"),
-        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "finetune_version": __version__,
-    }
-    # All three are written under temporary names first and renamed together, the .pb last, so an
-    # interrupted export leaves the previous set whole.
-    files = [
-        (labels_path, "".join(f"{name}\n" for name in classes).encode()),
-        (sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode()),
-        (out, data),
-    ]
-    for path, content in files:
-        path.with_name(path.name + ".tmp").write_bytes(content)
-    for path, _ in files:
-        os.replace(path.with_name(path.name + ".tmp"), path)
+    step = rundir.checkpoint_step(checkpoint.path)
+    labels_path, sidecar_path = modelfile.write_model(
+        out,
+        data,
+        classes=classes,
+        image_size=image_size,
+        precision=config.precision,
+        compute_dtype=compute_dtype,
+        checkpoint=str(Path(checkpoint.path).resolve()),
+        global_step=step,
+        dataset=run.dataset,
+        dataset_fingerprint=run.dataset_fingerprint,
+        pretrained_from=run.checkpoint,
+    )
     if config.saved_model:
         _write_saved_model(frozen, Path(config.saved_model), image_size, len(classes))
     return ExportResult(

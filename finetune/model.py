@@ -20,32 +20,24 @@ from typing import Iterable, Sequence
 from finetune.compat import inception, slim, tf
 from finetune.errors import CheckpointError, FinetuneError, ScopeError
 
-ROOT = "InceptionV3"
-# Every variable-holding block of slim's InceptionV3, input to output (the two max pools hold none).
-BLOCKS = (
-    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-    "Mixed_5b", "Mixed_5c", "Mixed_5d",
-    "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-    "Mixed_7a", "Mixed_7b", "Mixed_7c",
-    "AuxLogits", "Logits",
-)  # fmt: skip
-SCOPES = tuple(f"{ROOT}/{block}" for block in BLOCKS)
-LOGITS_SCOPE = f"{ROOT}/Logits"
-AUX_SCOPE = f"{ROOT}/AuxLogits"
-HEAD_SCOPES = (LOGITS_SCOPE, AUX_SCOPE)
-_MIXED_7 = tuple(f"{ROOT}/Mixed_7{c}" for c in "abc")
-_MIXED_6 = tuple(f"{ROOT}/Mixed_6{c}" for c in "abcde")
-PRESETS = {
-    "logits": HEAD_SCOPES,
-    "mixed_7": HEAD_SCOPES + _MIXED_7,
-    "mixed_6": HEAD_SCOPES + _MIXED_7 + _MIXED_6,
-    "all": (ROOT,),
-}
+# The network's names and limits live in finetune/network.py (no TensorFlow there, so config.py's help text
+# reads them too); imported here so that model.ROOT, model.PRESETS and the rest keep working.
+from finetune.network import (  # noqa: F401
+    AUX_SCOPE,
+    BLOCKS,
+    CHECKPOINT_CLASSES,
+    DEFAULT_IMAGE_SIZE,
+    FEATURE_SIZE,
+    HEAD_SCOPES,
+    LOGITS_SCOPE,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    PRESETS,
+    ROOT,
+    SCOPES,
+)
+from finetune.rundir import newest_checkpoint
 
-# The ImageNet checkpoint's head: 1000 classes plus "background" at index 0.
-CHECKPOINT_CLASSES = 1001
-DEFAULT_IMAGE_SIZE = 299
-FEATURE_SIZE = 2048  # values after the final average pool, which feed the Logits layer
 # Name of the collection that holds batch-norm moving-statistics updates of the layers being trained. Any name
 # but tf.GraphKeys.UPDATE_OPS keeps slim.batch_norm on its fused path (see finetune/compat.py); the train op
 # must run these ops.
@@ -122,12 +114,6 @@ def aux_head_fits(image_size: int) -> bool:
     """
     mixed_6, _ = feature_map_sizes(image_size)
     return mixed_6 >= 5
-
-
-# Mixed_7a's 3x3 VALID conv needs Mixed_6 to be at least 3x3, hence 75. tf-slim 1.1.0's final pool is at most
-# 8x8 (no global_pool option), so above 330 pixels the logits stop being 1x1 and cannot be squeezed.
-MIN_IMAGE_SIZE = 75
-MAX_IMAGE_SIZE = 330
 
 
 def check_image_size(image_size: int, flag: str = "--image-size") -> None:
@@ -318,7 +304,7 @@ class Checkpoint:
 def _checkpoint_prefix(path: str, flag: str) -> str:
     """Finds the checkpoint a path means: a V1 file, a V2 prefix (or one of its files), or a folder."""
     if os.path.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
+        latest = newest_checkpoint(path)
         if latest:
             return latest
         singles = sorted(name for name in os.listdir(path) if name.endswith(".ckpt"))

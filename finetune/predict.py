@@ -16,6 +16,7 @@ import numpy as np
 
 from finetune.config import PredictConfig
 from finetune.errors import FinetuneError
+from finetune.network import EXIF_ORIENTATION, JPEG_QUALITY
 
 # What a folder scan picks up; a file named on the command line is tried whatever its name.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -55,13 +56,13 @@ def _upright_bytes(data: bytes) -> bytes:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.getexif().get(0x0112, 1) in (1, None):
+            if image.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
                 return data
             upright = ImageOps.exif_transpose(image).convert("RGB")
     except Exception:  # an unreadable JPEG: let TensorFlow's decoder report it
         return data
     buffer = io.BytesIO()
-    upright.save(buffer, format="JPEG", quality=95)
+    upright.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
@@ -78,11 +79,11 @@ class Predictor:
 
     def __init__(self, model_path: Path):
         from finetune.compat import tf
-        from finetune.export import IMAGE_BYTES, PROBABILITIES, load_graph_def, load_sidecar
+        from finetune.modelfile import IMAGE_BYTES, PROBABILITIES, load_graph_def, read_model
         from finetune.runtime import session_config
 
-        self.sidecar = load_sidecar(model_path)
-        self.classes = list(self.sidecar["classes"])
+        self.model = read_model(model_path)
+        self.classes = list(self.model.classes)
         graph_def = load_graph_def(model_path)
         self.graph = tf.Graph()
         with self.graph.as_default():
@@ -117,10 +118,10 @@ def predict(config: PredictConfig) -> Iterator[Prediction]:
     model_path = Path(config.model)
     if not model_path.exists():
         raise FinetuneError(f"--model {model_path}: no such file; run `finetune export` first")
-    from finetune.export import frozen_precision
+    from finetune.modelfile import read_model
     from finetune.precision import check_frozen_precision
 
-    check_frozen_precision(frozen_precision(model_path), config.precision, str(model_path))
+    check_frozen_precision(read_model(model_path).precision, config.precision, str(model_path))
     predictor = Predictor(model_path)
     top_k = min(config.top_k, len(predictor.classes))
     try:

@@ -19,9 +19,9 @@ was trained, so fine-tuning sees the pixels the pretrained network saw.
 from __future__ import annotations
 
 from finetune.compat import tf
+from finetune.network import EVAL_CENTRAL_FRACTION
 
 # slim's inception_preprocessing, as published.
-EVAL_CENTRAL_FRACTION = 0.875
 MIN_OBJECT_COVERED = 0.1  # the crop keeps at least this share of the image
 ASPECT_RATIO_RANGE = (0.75, 1.33)  # crop width / height
 AREA_RANGE = (0.05, 1.0)  # crop area / image area

@@ -254,7 +254,8 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
     from finetune.evaluate import evaluate
     from finetune.export import export
     from finetune.predict import predict
-    from finetune.train import CONFIG_FILE, train
+    from finetune.rundir import CONFIG_FILE
+    from finetune.train import train
 
     started = time.monotonic()
     model.check_image_size(config.image_size)

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import resource
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,16 +24,14 @@ from typing import Callable
 
 import numpy as np
 
-from finetune import __version__, model, precision, schedule
-from finetune.config import DEFAULT_LEARNING_RATES, TrainConfig
+from finetune import __version__, model, precision, rundir, schedule
+from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
 from finetune.features import default_cache_dir
-from finetune.files import write_text_atomically
+from finetune.network import DEFAULT_LEARNING_RATES
 
 log = logging.getLogger("finetune")
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_NAME = "model.ckpt"
 AUX_LOSS_WEIGHT = 0.4  # the aux head's share of the loss while it trains (the Inception-v3 paper's choice)
 # slim's L2 penalty on trained weights; the learning-rate search on cached features chooses among others.
 DEFAULT_WEIGHT_DECAY = 0.00004
@@ -317,59 +314,6 @@ def plan_training(config: TrainConfig) -> Plan:
     )
 
 
-# ------------------------------------------------------------------------------------------- the train dir
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FinetuneError(f"{path}: unreadable ({exc}); pass --overwrite to start over in that train dir")
-
-
-def _write_json_atomically(path: Path, value: dict) -> None:
-    write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def _clear_run(train_dir: Path) -> None:
-    """Removes what a run writes (checkpoints, events, config, evaluations), nothing else."""
-    patterns = ("checkpoint", f"{CHECKPOINT_NAME}-*", "events.out.tfevents.*", CONFIG_FILE, "eval-*.json")
-    for pattern in patterns:
-        for path in train_dir.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def prepare_train_dir(train_dir: Path, plan: Plan, overwrite: bool) -> str | None:
-    """Makes the train dir ready; returns the checkpoint to resume from, or None for a new run.
-
-    Raises:
-        FinetuneError: the dir holds a run for another dataset, class list or layer choice.
-    """
-    from finetune.compat import tf
-
-    config_path = train_dir / CONFIG_FILE
-    if overwrite and train_dir.exists():
-        _clear_run(train_dir)
-    if not config_path.exists():
-        if (train_dir / "checkpoint").exists() or (train_dir / "dataset.json").exists():
-            raise FinetuneError(
-                f"--train-dir {train_dir} holds files that finetune did not write there (no {CONFIG_FILE}); "
-                "choose an empty or new folder"
-            )
-        train_dir.mkdir(parents=True, exist_ok=True)
-        return None
-    previous = _read_json(config_path)
-    current = json.loads(json.dumps(asdict(plan)))
-    for key in _RESUME_MUST_MATCH:
-        if previous.get(key) != current[key]:
-            raise FinetuneError(
-                f"--train-dir {train_dir} holds a run with another {key.replace('_', ' ')} "
-                f"({previous.get(key)} there, {current[key]} now); pass --overwrite to start over, "
-                "or choose a new --train-dir (with --checkpoint pointing at this one to build on it)"
-            )
-    return tf.train.latest_checkpoint(str(train_dir))
-
-
 # ---------------------------------------------------------------------------------------------- the graph
 
 
@@ -560,12 +504,12 @@ def _cached_features(plan: Plan) -> _FeatureTables:
     )
 
 
-def _searched(plan: Plan, tables: _FeatureTables, previous_config: Path | None) -> Plan:
+def _searched(plan: Plan, tables: _FeatureTables, resumed_dir: Path | None) -> Plan:
     """The plan with the searched learning rate and weight decay; a resumed run keeps what its start chose."""
     from finetune import lr_search
 
-    if previous_config is not None:
-        previous = _read_json(previous_config)
+    if resumed_dir is not None:
+        previous = rundir.read_run_config(resumed_dir).values
         if previous.get("lr_search_result"):
             log.info(f"learning rate {previous['learning_rate']:g}, weight decay {previous['weight_decay']:g}: "
                      "as the search chose when this run started")  # fmt: skip
@@ -786,7 +730,7 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.monotonic()
     plan = plan_training(config)
     train_dir = Path(config.train_dir)
-    resume_from = prepare_train_dir(train_dir, plan, config.overwrite)
+    resume_from = rundir.prepare(train_dir, asdict(plan), config.overwrite, must_match=_RESUME_MUST_MATCH)
     warnings = []
     if plan.devices == ("/cpu:0",) and config.device == "auto":
         log.info("no GPU found; training on the CPU")
@@ -806,7 +750,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     tables = _cached_features(plan) if plan.feature_cache else None
     if plan.lr_search == "on":
-        plan = _searched(plan, tables, train_dir / CONFIG_FILE if resume_from else None)
+        plan = _searched(plan, tables, train_dir if resume_from else None)
     built = _build_cached_graph(plan, start_step, tables) if tables else _build_graph(plan, start_step)
     with built.graph.as_default():
         trainable_parameters = model.parameter_count(model.trainable_variables(plan.trainable_scopes))
@@ -815,7 +759,7 @@ def train(config: TrainConfig) -> TrainResult:
             checkpoint = model.open_checkpoint(plan.checkpoint)
             model.check_restorable(built.restore_variables, checkpoint)
     _log_summary(plan, trainable_parameters, resume_from, warnings)
-    _write_json_atomically(train_dir / CONFIG_FILE, json.loads(json.dumps(asdict(plan))))
+    rundir.write_run_config(train_dir, asdict(plan))
 
     losses: list[float] = []
     accuracies: list[float] = []
@@ -837,7 +781,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         def save() -> str:
             nonlocal last_save_step, last_save_time
-            path = built.saver.save(session, str(train_dir / CHECKPOINT_NAME), global_step=step)
+            path = built.saver.save(session, rundir.checkpoint_prefix(train_dir), global_step=step)
             last_save_step, last_save_time = step, time.monotonic()
             return path
 

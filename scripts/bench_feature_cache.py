@@ -33,7 +33,7 @@ from finetune.train import train
 def frozen_forward_images_per_second(model_path: str, image_size: int, batch: int = 32, batches: int = 6) -> float:
     """Images/s through the .pb's `input`, fed preprocessed batches from memory (one warm-up batch)."""
     from finetune.compat import tf
-    from finetune.export import load_graph_def
+    from finetune.modelfile import load_graph_def
 
     graph_def = load_graph_def(Path(model_path))
     images = np.random.default_rng(0).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)

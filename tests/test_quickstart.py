@@ -72,7 +72,7 @@ def test_offline_quickstart_writes_every_artefact_it_names(offline_run):
     from finetune.compat import tf
     from finetune.config import PredictConfig
     from finetune.dataset import load_dataset
-    from finetune.export import load_graph_def, load_sidecar
+    from finetune.modelfile import load_graph_def, read_model
     from finetune.predict import predict
 
     workdir, result = offline_run
@@ -122,7 +122,7 @@ def test_offline_quickstart_writes_every_artefact_it_names(offline_run):
     # The model and its sidecars.
     (pb,) = named["model"]
     load_graph_def(pb)
-    sidecar = load_sidecar(pb)
+    sidecar = read_model(pb).values
     assert sidecar["classes"] == CLASSES and sidecar["image_size"] == 75
     assert sidecar["pretrained_from"] == str(checkpoint.resolve())
     assert pb.with_suffix(".labels.txt").read_text().split() == CLASSES
