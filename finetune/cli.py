@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from finetune import __version__
 from finetune.config import (
+    TRAIN_OPTION_GROUPS,
     BuildDatasetConfig,
     DownloadConfig,
     EvaluateConfig,
@@ -29,7 +30,6 @@ from finetune.config import (
     PreviewConfig,
     QuickstartConfig,
     TrainConfig,
-    TRAIN_OPTION_GROUPS,
 )
 from finetune.errors import FinetuneError
 
