@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from finetune import __version__
 from finetune.config import (
+    TRAIN_OPTION_GROUPS,
     BuildDatasetConfig,
     DownloadConfig,
     EvaluateConfig,
@@ -44,6 +45,7 @@ class Command:
     config: type
     run: Callable[[Any, argparse.Namespace], int]  # (config, parsed args) -> exit code
     json_output: bool = False  # offer --json
+    option_groups: dict[str, tuple[str, ...]] | None = None  # --help sections: title -> field names
 
 
 def to_json(value: Any) -> str:
@@ -289,7 +291,8 @@ COMMANDS: list[Command] = [
             BuildDatasetConfig, _run_build_dataset, json_output=True),  # fmt: skip
     Command("preview", "draw training examples after train preprocessing beside their originals",
             PreviewConfig, _run_preview, json_output=True),  # fmt: skip
-    Command("train", "fine-tune the chosen layers on a built dataset", TrainConfig, _run_train, json_output=True),
+    Command("train", "fine-tune the chosen layers on a built dataset", TrainConfig, _run_train, json_output=True,
+            option_groups=TRAIN_OPTION_GROUPS),  # fmt: skip
     Command("evaluate", "measure a run or an exported model on a held-out split", EvaluateConfig, _run_evaluate,
             json_output=True),  # fmt: skip
     Command("export", "freeze a run into a .pb for inference", ExportConfig, _run_export, json_output=True),
@@ -308,45 +311,70 @@ def _unwrap_optional(kind: Any) -> Any:
     return kind
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
-    """Adds one argument per field of a config dataclass, from the field's type and option() metadata."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config: type, groups: dict[str, tuple[str, ...]] | None = None
+) -> None:
+    """Adds one argument per field of a config dataclass, from the field's type and option() metadata.
+
+    With ``groups`` (title -> field names), the flags are listed under those titles in --help, in the order
+    given; names that are not fields are skipped, and fields in no group come last, under "other options".
+    """
     hints = typing.get_type_hints(config)
-    for spec in dataclasses.fields(config):
-        meta = spec.metadata
-        kind = _unwrap_optional(hints[spec.name])
-        has_default = spec.default is not dataclasses.MISSING
-        help_text = meta.get("help", "")
-        if has_default and spec.default not in (None, (), ""):
-            shown = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else spec.default
-            if isinstance(spec.default, bool):
-                shown = "on" if spec.default else "off"
-            help_text += f" (default: {shown})"
-        kwargs: dict[str, Any] = {"help": help_text}
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if meta.get("metavar"):
-            kwargs["metavar"] = meta["metavar"]
-        if kind is bool and spec.default is False:
-            kwargs["action"] = "store_true"  # an off-by-default switch needs no --no- form
-        elif kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is tuple:
-            kwargs["type"] = typing.get_args(kind)[0]
-            kwargs["nargs"] = "+"
+    specs = {spec.name: spec for spec in dataclasses.fields(config)}
+    if not groups:
+        for spec in specs.values():
+            _add_field(parser, spec, hints[spec.name])
+        return
+    for spec in specs.values():
+        if spec.metadata.get("positional"):
+            _add_field(parser, spec, hints[spec.name])
+    grouped = [name for names in groups.values() for name in names]
+    sections = {**groups, "other options": tuple(name for name in specs if name not in grouped)}
+    for title, names in sections.items():
+        present = [specs[name] for name in names if name in specs and not specs[name].metadata.get("positional")]
+        if present:
+            section = parser.add_argument_group(title)
+            for spec in present:
+                _add_field(section, spec, hints[spec.name])
+
+
+def _add_field(parser: Any, spec: dataclasses.Field, hint: Any) -> None:
+    """One config field as an argument of ``parser`` (a parser or one of its argument groups)."""
+    meta = spec.metadata
+    kind = _unwrap_optional(hint)
+    has_default = spec.default is not dataclasses.MISSING
+    help_text = meta.get("help", "")
+    if has_default and spec.default not in (None, (), ""):
+        shown = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else spec.default
+        if isinstance(spec.default, bool):
+            shown = "on" if spec.default else "off"
+        help_text += f" (default: {shown})"
+    kwargs: dict[str, Any] = {"help": help_text}
+    if meta.get("choices"):
+        kwargs["choices"] = meta["choices"]
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
+    if kind is bool and spec.default is False:
+        kwargs["action"] = "store_true"  # an off-by-default switch needs no --no- form
+    elif kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is tuple:
+        kwargs["type"] = typing.get_args(kind)[0]
+        kwargs["nargs"] = "+"
+    else:
+        kwargs["type"] = kind
+    if meta.get("positional"):
+        if has_default:
+            kwargs["nargs"] = "?" if "nargs" not in kwargs else "*"
+            kwargs["default"] = spec.default
+        parser.add_argument(spec.name, **kwargs)
+    else:
+        flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
+        if has_default:
+            kwargs["default"] = spec.default
         else:
-            kwargs["type"] = kind
-        if meta.get("positional"):
-            if has_default:
-                kwargs["nargs"] = "?" if "nargs" not in kwargs else "*"
-                kwargs["default"] = spec.default
-            parser.add_argument(spec.name, **kwargs)
-        else:
-            flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
-            if has_default:
-                kwargs["default"] = spec.default
-            else:
-                kwargs["required"] = True
-            parser.add_argument(flag, dest=spec.name, **kwargs)
+            kwargs["required"] = True
+        parser.add_argument(flag, dest=spec.name, **kwargs)
 
 
 def config_from_args(config: type, args: argparse.Namespace) -> Any:
@@ -379,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(
             command.name, help=command.help, description=command.help, parents=[verbosity]
         )
-        add_config_arguments(sub, command.config)
+        add_config_arguments(sub, command.config, command.option_groups)
         if command.json_output:
             sub.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
         sub.set_defaults(command_spec=command)

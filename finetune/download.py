@@ -103,7 +103,7 @@ def download(config: DownloadConfig) -> DownloadResult:
         DownloadError: the host cannot be reached, the server refused or kept failing, or the file did not
             verify; the message says which and what to do. Nothing is left under the final names.
     """
-    model = PRETRAINED[config.model]
+    model = PRETRAINED[config.pretrained]
     dest = Path(config.dest)
     checkpoint = dest / model.member
     manifest_path = manifest_path_for(dest, model)

@@ -328,7 +328,8 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
     """Evaluates each new checkpoint of a train dir as it appears, until training ends or nothing new comes.
 
     Writes ``eval/<split>_accuracy`` into the train dir's TensorBoard events and calls ``on_evaluation``
-    with each result. Returns how many checkpoints it evaluated.
+    with each result. Returns how many checkpoints it evaluated. Ctrl-C closes the events file and raises
+    KeyboardInterrupt on to the caller.
     """
     from finetune import rundir
     from finetune.compat import tf
@@ -339,6 +340,7 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
     seen: set[str] = set()
     writer = None
     waited_since = time.monotonic()
+    log.info(f"watching {train_dir} for new checkpoints (Ctrl-C stops)")
     try:
         while True:
             latest = rundir.newest_checkpoint(train_dir)
@@ -368,9 +370,7 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
                 break
             else:
                 time.sleep(2.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
+    finally:  # Ctrl-C goes on up: the CLI exits 130, as every command does
         if writer is not None:
             writer.close()
     return len(seen)

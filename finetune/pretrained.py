@@ -1,6 +1,6 @@
 """The pretrained checkpoints finetune can fetch: where each is published and what it must hold.
 
-One row per model. `finetune download --model NAME` reads everything it needs from the row, so supporting
+One row per model. `finetune download --pretrained NAME` reads everything it needs from the row, so supporting
 another published slim checkpoint is a new row here, not new code. Pure data: importing this module is free,
 which lets the CLI offer the names as choices without loading anything heavy.
 """
@@ -17,7 +17,7 @@ class PretrainedModel:
     """A published checkpoint tarball and the facts used to verify it.
 
     Attributes:
-        name: the ``--model`` value.
+        name: the ``--pretrained`` value.
         urls: where the tarball is published, tried in order; later ones are mirrors used when an earlier
             host cannot be reached.
         member: the one file inside the tarball, which is also the checkpoint's name once unpacked.

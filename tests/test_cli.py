@@ -1,8 +1,12 @@
-"""The command-line frame: help, version, verbosity, flags built from config dataclasses."""
+"""The command-line frame: help, version, verbosity, flags built from config dataclasses, Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -10,7 +14,19 @@ from dataclasses import dataclass
 import pytest
 
 from finetune import cli
-from finetune.config import option
+from finetune.config import (
+    TRAIN_OPTION_GROUPS,
+    BuildDatasetConfig,
+    DownloadConfig,
+    EvaluateConfig,
+    ExportConfig,
+    PredictConfig,
+    PreviewConfig,
+    QuickstartConfig,
+    TrainConfig,
+    option,
+)
+from finetune.errors import FinetuneError
 from tests.conftest import run_cli
 
 
@@ -66,3 +82,98 @@ def test_flags_come_from_the_config_with_defaults_in_help():
         parser.parse_args(["p", "--out", "d", "--mode", "sideways"])
     with pytest.raises(SystemExit):
         parser.parse_args(["p"])  # --out is required
+
+
+def test_train_help_lists_every_flag_under_a_group_title():
+    parser = argparse.ArgumentParser(prog="finetune train")
+    cli.add_config_arguments(parser, TrainConfig, TRAIN_OPTION_GROUPS)
+    text = parser.format_help()
+    for title, names in TRAIN_OPTION_GROUPS.items():
+        present = [name for name in names if name in _train_fields()]
+        if not present:
+            continue
+        section = text.split(f"\n{title}:\n", 1)[1].split("\n\n", 1)[0]
+        for name in present:
+            assert "--" + name.replace("_", "-") in section, (title, name)
+    assert "other options:" not in text, "a TrainConfig field outside every group"
+
+
+def _train_fields() -> set[str]:
+    return {spec.name for spec in dataclasses.fields(TrainConfig)}
+
+
+def test_every_train_field_is_in_exactly_one_group():
+    seen: dict[str, list[str]] = {}
+    for title, names in TRAIN_OPTION_GROUPS.items():
+        for name in names:
+            seen.setdefault(name, []).append(title)
+    ungrouped = sorted(_train_fields() - set(seen))
+    assert not ungrouped, f"TrainConfig fields in no group of config.TRAIN_OPTION_GROUPS: {ungrouped}"
+    twice = {name: titles for name, titles in seen.items() if len(titles) > 1}
+    assert not twice, f"fields in more than one group: {twice}"
+
+
+def test_a_field_in_no_group_still_gets_its_flag():
+    parser = argparse.ArgumentParser(prog="x")
+    cli.add_config_arguments(parser, _Example, {"outputs": ("out", "not_a_field_yet")})
+    text = parser.format_help()
+    assert "outputs:\n  --out OUT" in text
+    assert "other options:" in text and "--shards SHARDS" in text.split("other options:")[1]
+    config = cli.config_from_args(_Example, parser.parse_args(["p", "--out", "d", "--shards", "2"]))
+    assert config.shards == 2 and config.image_dir == "p"
+
+
+def test_model_names_a_file_everywhere_and_download_takes_pretrained():
+    parser = cli.build_parser()
+    args = parser.parse_args(["download", "--pretrained", "inception_v3"])
+    assert cli.config_from_args(DownloadConfig, args).pretrained == "inception_v3"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["download", "--model", "inception_v3"])
+    with pytest.raises(FinetuneError, match=r"^--pretrained resnet: unknown; choose one of inception_v3$"):
+        DownloadConfig(pretrained="resnet")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: TrainConfig(dataset="d", train_dir="t", steps=0), "--steps 0: must be at least 1"),
+        (lambda: TrainConfig(dataset="d", train_dir="t", augment=False, augment_views=2),
+         "--augment-views 2: caches augmented views"),
+        (lambda: EvaluateConfig(train_dir="t", mistakes=-1), "--mistakes -1: must be zero or more"),
+        (lambda: PredictConfig(paths=("a",), model="m.pb", top_k=0), "--top-k 0: must be at least 1"),
+        (lambda: BuildDatasetConfig(image_dir="i", out="o", workers=0), "--workers 0: must be at least 1"),
+        (lambda: PreviewConfig(dataset="d", count=0), "--count 0: must be between 1 and 64"),
+        (lambda: DownloadConfig(retries=-1), "--retries -1: must be 0 or more"),
+        (lambda: QuickstartConfig(images_per_class=5), "--images-per-class 5: must be at least 20"),
+        (lambda: ExportConfig(train_dir="t", precision="fp8"), "--precision fp8: unknown"),
+    ],
+)  # fmt: skip
+def test_config_errors_share_one_shape_flag_value_problem(make, message):
+    with pytest.raises(FinetuneError) as caught:
+        make()
+    assert str(caught.value).startswith(message)
+    assert re.fullmatch(r"--[a-z0-9-]+ \S+: [^\n]+", str(caught.value))
+
+
+def test_ctrl_c_stops_evaluate_watch_with_exit_130(tmp_path):
+    # An empty train dir: --watch waits for the first checkpoint, which is where a user presses Ctrl-C.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "evaluate", "--train-dir", str(tmp_path), "--watch"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in process.stderr:  # the log line says the loop has started; the 600 s bound is below
+            lines.append(line)
+            if "watching" in line:
+                break
+        assert any("watching" in line for line in lines), "".join(lines)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, "".join(lines) + err
+    assert "error: interrupted" in err

@@ -288,10 +288,10 @@ def test_refuses_to_overwrite_a_dataset_unless_asked(plain_folder, tmp_path):
 def test_refuses_bad_flags_naming_them(plain_folder, tmp_path):
     out = tmp_path / "out"
     for flags, text in (
-        (["--validation-fraction", "1.5"], "--validation-fraction must be at least 0 and below 1"),
+        (["--validation-fraction", "1.5"], "--validation-fraction 1.5: must be at least 0 and below 1"),
         (["--validation-fraction", "0.6", "--test-fraction", "0.4"], "must stay below 1"),
-        (["--workers", "0"], "--workers must be at least 1"),
-        (["--max-side", "0"], "--max-side must be at least 1"),
+        (["--workers", "0"], "--workers 0: must be at least 1"),
+        (["--max-side", "0"], "--max-side 0: must be at least 1"),
     ):
         _refused(run_cli("build-dataset", str(plain_folder.root), "--out", str(out), *flags), out, text)
 

@@ -223,7 +223,7 @@ def test_an_unreachable_host_hands_over_to_the_next_url_of_the_row(
     live = server.serve(PATH, Route(tarball_bytes))
     mirrored = dataclasses.replace(MODEL, name="mirrored", urls=(_closed_port_url(), live))
     monkeypatch.setitem(PRETRAINED, "mirrored", mirrored)
-    result = download(DownloadConfig(model="mirrored", dest=str(dest), retries=0))
+    result = download(DownloadConfig(pretrained="mirrored", dest=str(dest), retries=0))
     assert result.status == "downloaded" and result.manifest.url == live
     assert (dest / MODEL.member).read_bytes() == checkpoint_bytes
 

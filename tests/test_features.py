@@ -203,5 +203,5 @@ def test_the_summary_says_which_path_and_why(photos_and_dataset, standin_checkpo
                         "--checkpoint", str(standin_checkpoint), "--image-size", "75", "--augment",
                         "--feature-cache", "on")  # fmt: skip
     assert augmented.returncode == 1 and "augmentation is on; --augment-views K" in augmented.stderr
-    with pytest.raises(FinetuneError, match="--augment-views caches augmented views"):
+    with pytest.raises(FinetuneError, match="^--augment-views 2: caches augmented views"):
         TrainConfig(dataset="d", train_dir="t", augment=False, augment_views=2)

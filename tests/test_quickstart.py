@@ -189,8 +189,8 @@ def test_a_folder_quickstart_did_not_write_is_refused_untouched(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--images-per-class", "5"], "error: --images-per-class must be at least 20, got 5"),
-        (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+        (["--images-per-class", "5"], "error: --images-per-class 5: must be at least 20"),
+        (["--steps", "0"], "error: --steps 0: must be at least 1"),
         (["--image-size", "40"], "error: --image-size 40 is out of range"),
         (["--url", "nowhere/inception_v3_2016_08_28.tar.gz"], "error: --url nowhere/inception_v3_2016_08_28.tar.gz: "
                                                               "no such file"),  # fmt: skip

@@ -168,7 +168,7 @@ def test_missing_inputs_are_reported_before_tensorflow_works(dataset, standin_ch
         (["--trainable", "Mixed_9"], "--trainable: unknown scope 'Mixed_9'"),
         (["--image-size", "60"], "--image-size 60 is out of range"),
         (["--device", "cpu:3", "--batch-size", "8"], "--batch-size 8 does not split evenly over 3 devices"),
-        (["--learning-rate", "-1"], "--learning-rate must be positive"),
+        (["--learning-rate", "-1"], "--learning-rate -1.0: must be positive"),
         (["--checkpoint", str(junk)], "not a readable TensorFlow checkpoint"),
     ]
     for extra, message in cases:
