@@ -9,8 +9,11 @@ support, the confusion matrix (also drawn as a PNG), and the most confidently mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -354,13 +357,13 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
     log.info(f"watching {train_dir} for new checkpoints (Ctrl-C stops)")
     try:
         while True:
-            latest = tf.train.latest_checkpoint(str(train_dir))
+            latest = _newest_checkpoint(train_dir)
             if latest and latest not in seen:
                 seen.add(latest)
                 try:
                     evaluation = evaluate(config, checkpoint=latest)
                 except FinetuneError as exc:
-                    if tf.train.latest_checkpoint(str(train_dir)) != latest:
+                    if _newest_checkpoint(train_dir) != latest:
                         continue  # removed by the trainer's rotation while we read it: take the newer one
                     raise exc
                 if writer is None:
@@ -385,6 +388,34 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
         if writer is not None:
             writer.close()
     return len(seen)
+
+
+def _newest_checkpoint(train_dir: Path) -> str | None:
+    """The train dir's newest checkpoint, if any; Ctrl-C during the look is held and raised after it.
+
+    TensorFlow answers "no checkpoint yet" by raising and catching NotFoundError in C++; a Ctrl-C landing
+    there comes out as a pybind11 RuntimeError with a traceback instead of KeyboardInterrupt.
+    """
+    from finetune.compat import tf
+
+    with _interrupts_held():
+        return tf.train.latest_checkpoint(str(train_dir))
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Defers SIGINT to the end of the block, then raises KeyboardInterrupt (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _training_finished(train_dir: Path, step: int | None) -> bool:
