@@ -9,8 +9,11 @@ support, the confusion matrix (also drawn as a PNG), and the most confidently mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -343,13 +346,13 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
     log.info(f"watching {train_dir} for new checkpoints (Ctrl-C stops)")
     try:
         while True:
-            latest = rundir.newest_checkpoint(train_dir)
+            latest = _newest_checkpoint(train_dir)
             if latest and latest not in seen:
                 seen.add(latest)
                 try:
                     evaluation = evaluate(config, checkpoint=latest)
                 except FinetuneError as exc:
-                    if rundir.newest_checkpoint(train_dir) != latest:
+                    if _newest_checkpoint(train_dir) != latest:
                         continue  # removed by the trainer's rotation while we read it: take the newer one
                     raise exc
                 if writer is None:
@@ -374,6 +377,32 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
         if writer is not None:
             writer.close()
     return len(seen)
+
+
+def _newest_checkpoint(train_dir: Path) -> str | None:
+    """The train dir's newest checkpoint, if any; Ctrl-C during the look is held and raised after it.
+
+    TensorFlow answers "no checkpoint yet" by raising and catching NotFoundError in C++; a Ctrl-C landing
+    there comes out as a pybind11 RuntimeError with a traceback instead of KeyboardInterrupt.
+    """
+    with _interrupts_held():
+        return rundir.newest_checkpoint(train_dir)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Defers SIGINT to the end of the block, then raises KeyboardInterrupt (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _training_finished(train_dir: Path, step: int | None) -> bool:
