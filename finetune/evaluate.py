@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune import rundir
 from finetune.config import EvaluateConfig
 from finetune.errors import FinetuneError
 from finetune.files import replacing, write_text_atomically
@@ -244,7 +245,7 @@ def frozen_source(model_path: Path):
 
 def _resolve(config: EvaluateConfig):
     """What to evaluate (checkpoint or .pb), on which dataset, at which size; where to write the report."""
-    from finetune import modelfile, rundir
+    from finetune import modelfile
     from finetune.dataset import load_dataset
 
     if (config.train_dir is None) == (config.model is None):
@@ -276,7 +277,7 @@ def _resolve(config: EvaluateConfig):
 
 def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluation:
     """Evaluates a train dir's newest checkpoint (or --checkpoint), or an exported .pb, on one split."""
-    from finetune import precision, rundir
+    from finetune import precision
 
     info, image_size, train_dir, report = _resolve(config)
     if config.split not in info.split_counts or not info.split_counts[config.split]:
@@ -334,7 +335,6 @@ def watch(config: EvaluateConfig, on_evaluation) -> int:
     with each result. Returns how many checkpoints it evaluated. Ctrl-C closes the events file and raises
     KeyboardInterrupt on to the caller.
     """
-    from finetune import rundir
     from finetune.compat import tf
 
     if config.model or not config.train_dir:
@@ -406,6 +406,4 @@ def _interrupts_held():
 
 
 def _training_finished(train_dir: Path, step: int | None) -> bool:
-    from finetune import rundir
-
     return step is not None and step >= rundir.read_run_config(train_dir).total_steps
