@@ -15,6 +15,9 @@ it), ``5x60`` (seed 1, 25% validation) and ``20x100`` (seed 2, 15% validation an
 
 Extraction is measured once per dataset and checkpoint, on a cold cache; every run after it reuses the
 features, and its ``wall_seconds`` counts that extraction once, as a user's first run pays it.
+
+``--trainable mixed_7`` (or another deeper preset) compares the old and new defaults on the network path,
+where every step runs the network: 10 epochs either way, slim's staircase against warm-up and cosine.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _dataset(work: Path, name: str) -> Path:
 
 
 def _run(work: Path, dataset: Path, checkpoint: str, label: str, extraction: float | None, **settings) -> dict:
-    train_dir = work / "runs" / f"{dataset.name}-{Path(checkpoint).stem}-{label}"
+    train_dir = work / "runs" / f"{dataset.name}-{Path(checkpoint).stem}-{settings.get('trainable', 'logits')}-{label}"
     started = time.monotonic()
     result = train(TrainConfig(dataset=str(dataset), train_dir=str(train_dir), checkpoint=checkpoint,
                                cache_dir=str(work / "cache"), overwrite=True, **settings))  # fmt: skip
@@ -81,25 +84,33 @@ def main() -> int:
     parser.add_argument("--checkpoint", action="append", required=True, help="starting weights; repeat for more")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
     parser.add_argument("--no-grid", action="store_true", help="old and new defaults only")
+    parser.add_argument("--trainable", default="logits", help="a deeper preset compares old and new only, "
+                        "on the network path (default: logits, on cached features)")
+    parser.add_argument("--image-size", type=int, default=299, help="network input size (default: 299)")
     args = parser.parse_args()
     work = Path(args.work)
+    common = dict(trainable=args.trainable, image_size=args.image_size)
+    grid_rates = () if args.no_grid or args.trainable != "logits" else GRID_RATES
     results = []
     for name in args.datasets.split(","):
         dataset = _dataset(work, name)
         for checkpoint in args.checkpoint:
             # The first run fills the cache: its extraction time is the one every row counts.
-            old = _run(work, dataset, checkpoint, "old", None, **OLD_DEFAULTS)
+            old_defaults = dict(OLD_DEFAULTS)
+            if args.trainable != "logits":  # the old rate was the depth's default, as it still is
+                del old_defaults["learning_rate"]
+            old = _run(work, dataset, checkpoint, "old", None, **old_defaults, **common)
             extraction = old["extraction_seconds"]
-            rows = [old, _run(work, dataset, checkpoint, "new", extraction)]
+            rows = [old, _run(work, dataset, checkpoint, "new", extraction, **common)]
             grid = []
-            for rate in () if args.no_grid else GRID_RATES:
+            for rate in grid_rates:
                 grid.append(_run(work, dataset, checkpoint, f"constant-{rate:g}", extraction, learning_rate=rate,
-                                 schedule="constant", epochs=300))  # fmt: skip
-                grid.append(_run(work, dataset, checkpoint, f"cosine-{rate:g}", extraction, learning_rate=rate))
+                                 schedule="constant", epochs=300, **common))  # fmt: skip
+                grid.append(_run(work, dataset, checkpoint, f"cosine-{rate:g}", extraction, learning_rate=rate, **common))
             if grid:
                 rows.append(dict(max(grid, key=lambda r: r["validation_accuracy"]), setting="grid best: "
                                  + max(grid, key=lambda r: r["validation_accuracy"])["setting"]))  # fmt: skip
-            entry = {"dataset": name, "checkpoint": checkpoint, "rows": rows, "grid": grid}
+            entry = {"dataset": name, "checkpoint": checkpoint, **common, "rows": rows, "grid": grid}
             results.append(entry)
             print(json.dumps(entry), file=sys.stderr, flush=True)
     print(json.dumps(results, indent=1))

@@ -33,7 +33,7 @@ Stages, all at 299x299 and batch 32 (under --quick the forward at 16, training a
 - ``train_logits``, ``train_mixed_7``, ``train_all``, ``train_all_bf16``: the graph ``finetune train`` builds
   for that preset, stepped in the same way from TFRecords and from one batch in memory fed in place of the
   reader's output (same graph, same session), so the two figures differ by what the input pipeline costs and
-  nothing else (this reaches into ``finetune.train._build_graph`` to get exactly the graph the trainer runs);
+  nothing else (``finetune.graph.build_training_graph``: exactly the graph the trainer runs);
 - ``finetune``: ``finetune train`` itself on the head, then ``finetune export`` of it at fp32 and bf16;
 - ``predict``, ``predict_bf16``: image files through each ``.pb``, as ``finetune predict`` runs them;
 - ``agreement``: the eval graph ``finetune evaluate`` builds, at fp32 and at bf16 on the validation split,
@@ -424,20 +424,22 @@ def _count_flops() -> dict:
 
 def _train(work: Work, preset: str, precision: str) -> dict:
     """The training graph `finetune train` builds, stepped from TFRecords and then from memory."""
-    from finetune import model, train
+    from finetune import graph, model
     from finetune.compat import tf
     from finetune.config import TrainConfig
+    from finetune.plan import plan_training
 
     config = TrainConfig(dataset=str(work.dataset), train_dir=str(work.root / f"bench_{preset}_{precision}"),
                          checkpoint=str(work.checkpoint), trainable=preset, batch_size=work.settings.train_batch,
-                         image_size=IMAGE_SIZE, steps=10**6, eval_every=0, precision=precision)  # fmt: skip
-    plan = train.plan_training(config)
-    built = train._build_graph(plan, start_step=0)
+                         image_size=IMAGE_SIZE, steps=10**6, eval_every=0, precision=precision,
+                         feature_cache="off")  # the network path: what a training step costs  # fmt: skip
+    plan = plan_training(config)
+    built = graph.build_training_graph(plan, start_step=0)
     fetches = [built.train_op, built.loss, built.accuracy, built.learning_rate]  # what the trainer fetches
     with built.graph.as_default():
-        session = tf.compat.v1.Session(config=train._session_config(plan))
+        session = tf.compat.v1.Session(config=graph.session_config(plan))
         with _closing(session) as closed:
-            train.start_fresh(session, built, model.open_checkpoint(work.checkpoint))
+            graph.start_fresh(session, built, model.open_checkpoint(work.checkpoint))
             image, label = _reader_outputs(built.graph)
             steps = work.settings.train_steps[preset]
             result = _records_and_memory(session, fetches, image, label, work.settings, steps)

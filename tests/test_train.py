@@ -16,7 +16,8 @@ from finetune import model
 from finetune.compat import tf
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
-from finetune.train import _auto_class_weights, imbalance_warning, train
+from finetune.plan import auto_class_weights, imbalance_warning
+from finetune.train import train
 from tests.conftest import run_cli
 
 SIZE = "107"  # smallest size with slim's aux head, so the whole head trains
@@ -243,11 +244,11 @@ def test_run_records_config_and_tensorboard_scalars(dataset, standin_checkpoint,
 
 
 def test_class_weights_and_the_imbalance_warning():
-    weights = _auto_class_weights([40, 10, 10])
+    weights = auto_class_weights([40, 10, 10])
     assert weights == pytest.approx((0.5, 2.0, 2.0))  # inverse frequency, averaging 1 over the examples
     # Averaging 1 over the examples holds for any counts, not just those above (where it follows from them).
     uneven = [37, 12, 5]
-    assert sum(w * c for w, c in zip(_auto_class_weights(uneven), uneven)) == pytest.approx(sum(uneven))
+    assert sum(w * c for w, c in zip(auto_class_weights(uneven), uneven)) == pytest.approx(sum(uneven))
     assert imbalance_warning((40, 10, 13), weighted=False) == (
         "classes are imbalanced: the largest has 40 training examples, the smallest 10; "
         "consider --class-weights auto"
