@@ -11,7 +11,7 @@ import pytest
 
 from finetune import cli
 from finetune.config import option
-from tests.conftest import run_cli
+from tests.conftest import run_cli, spawn_cli
 
 
 def test_help_lists_the_commands_without_importing_tensorflow():
@@ -28,7 +28,7 @@ def test_help_lists_the_commands_without_importing_tensorflow():
 
 
 def test_python_dash_m_and_version():
-    result = run_cli("--version")
+    result = spawn_cli("--version")
     assert result.returncode == 0 and result.stdout.strip().startswith("finetune ")
 
 
