@@ -78,7 +78,62 @@ def closed_port_url(path: str) -> str:
     return f"http://127.0.0.1:{port}/{path}"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+@dataclass(frozen=True)
+class CliResult:
+    """What a run of the command line left: its exit code and everything it wrote to stdout and stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
+    """Runs `finetune ARGS` in this process, through the same `cli.main` the console script calls.
+
+    Output is captured as a subprocess's would be: stdout and stderr apart, log lines included (the finetune
+    logger writes to whatever sys.stderr is), Python warnings printed on stderr, a usage error's exit code 2
+    from argparse. TensorFlow is imported once per test session instead of once per call (3 to 5 s each). An
+    exception main does not turn into an `error:` line is not caught here: it fails the test with its
+    traceback, where a subprocess would have printed it and exited 1. Use `spawn_cli` where the separate
+    process is the point (the console script, signals, what a fresh interpreter prints).
+    """
+    import contextlib
+    import io
+    import warnings
+
+    from finetune import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    verbose = os.environ.get("FINETUNE_VERBOSE")  # -v sets it for the process
+    before = Path.cwd()
+    logger = logging.getLogger("finetune")  # main sets its level and handler for the process
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.showwarning = show
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exit:  # argparse: --help, --version, usage errors
+                code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+                if isinstance(exit.code, str):
+                    print(exit.code, file=sys.stderr)
+    finally:
+        os.chdir(before)
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+        if verbose is None:
+            os.environ.pop("FINETUNE_VERBOSE", None)
+        else:
+            os.environ["FINETUNE_VERBOSE"] = verbose
+    return CliResult(code, stdout.getvalue(), stderr.getvalue())
+
+
+def spawn_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs `python -m finetune ARGS` in a fresh process, as a user would, and captures its output."""
     return subprocess.run(
         [sys.executable, "-m", "finetune", *args],

@@ -27,7 +27,7 @@ from finetune.config import (
     option,
 )
 from finetune.errors import FinetuneError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, spawn_cli
 
 
 def test_help_lists_the_commands_without_importing_tensorflow():
@@ -44,7 +44,7 @@ def test_help_lists_the_commands_without_importing_tensorflow():
 
 
 def test_python_dash_m_and_version():
-    result = run_cli("--version")
+    result = spawn_cli("--version")
     assert result.returncode == 0 and result.stdout.strip().startswith("finetune ")
 
 

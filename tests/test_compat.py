@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.compat import PATCHES_APPLIED, slim, tf
+from finetune.compat import slim, tf
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 
@@ -35,18 +35,6 @@ def test_only_compat_imports_tf_slim():
             if any(name == "tf_slim" or name.startswith("tf_slim.") for name in names):
                 importers.append(path.name)
     assert sorted(set(importers)) == ["compat.py"]
-
-
-def test_patches_fill_the_moved_names():
-    from tensorflow.python.framework import ops, tensor
-    from tensorflow.python.ops import array_ops, array_ops_stack, cond, control_flow_case, control_flow_ops
-
-    assert ops.Tensor is tensor.Tensor
-    assert control_flow_ops.cond is cond.cond
-    assert control_flow_ops.case is control_flow_case.case
-    assert array_ops.stack is array_ops_stack.stack and array_ops.unstack is array_ops_stack.unstack
-    # On TF 2.21 every one was missing; a TensorFlow that has them back gets none of the patches.
-    assert len(PATCHES_APPLIED) == 5
 
 
 def test_batch_norm_with_a_python_bool_builds_on_the_fused_path():

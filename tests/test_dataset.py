@@ -19,12 +19,12 @@ from finetune.compat import tf
 from finetune.config import BuildDatasetConfig
 from finetune.errors import DataError
 from finetune.synthetic import make_image_folder
-from tests.conftest import read_records, run_cli, slim_keys
+from tests.conftest import CliResult, read_records, run_cli, slim_keys
 
 
 @pytest.fixture(scope="module")
 def zoo(odd_folder, tmp_path_factory):
-    """The odd folder built through the real CLI, with two worker processes."""
+    """The odd folder built through the real CLI (in this process), with two worker processes."""
     out = tmp_path_factory.mktemp("built") / "zoo"
     result = run_cli("build-dataset", str(odd_folder.root), "--out", str(out), "--validation-fraction", "0.3",
                      "--workers", "2", "--json")  # fmt: skip
@@ -204,7 +204,7 @@ def test_max_side_downsizes_and_shards_override(plain_folder, tmp_path):
 # --------------------------------------------------------------------------------------------- refusals
 
 
-def _refused(result: subprocess.CompletedProcess, out: Path, *expected: str) -> str:
+def _refused(result: CliResult, out: Path, *expected: str) -> str:
     assert result.returncode == 1, (result.stdout, result.stderr)
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and len(result.stderr.strip().splitlines()) <= 3, result.stderr

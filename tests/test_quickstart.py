@@ -13,7 +13,7 @@ import pytest
 from finetune import cli
 from finetune.pretrained import PRETRAINED
 from finetune.quickstart import STAGES, STANDIN_CHECKPOINT
-from tests.conftest import closed_port_url, run_cli
+from tests.conftest import closed_port_url, run_cli, spawn_cli
 
 CLASSES = ["discs", "rings", "squares", "stars", "triangles"]
 # Small enough to run in well under a minute: 100 photos at 75 px, 6 steps of 8.
@@ -39,9 +39,9 @@ def _section(stdout: str, title: str) -> list[str]:
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
     """One quickstart run in the default work folder (the current one), at small sizes, with the download
-    pointed at a closed port."""
+    pointed at a closed port; in a fresh process, as a user runs it, so stderr is all a user would see."""
     workdir = tmp_path_factory.mktemp("quickstart")
-    result = run_cli("quickstart", "--url", _closed_port_url(), *SMALL, cwd=workdir)
+    result = spawn_cli("quickstart", "--url", _closed_port_url(), *SMALL, cwd=workdir)
     return workdir, result
 
 

@@ -88,22 +88,32 @@ def test_training_mixed_7_also_changes_those_blocks_and_nothing_below(
     assert {n for n in mixed_7 if "moving_" in n} <= changed
 
 
-def _train_cli(dataset, train_dir, checkpoint, *extra) -> list[str]:
-    return [sys.executable, "-m", "finetune", "train", "--dataset", str(dataset), "--train-dir", str(train_dir),
-            "--checkpoint", str(checkpoint), *FAST, *extra]  # fmt: skip
+def _train_args(dataset, train_dir, checkpoint, *extra) -> list[str]:
+    return ["train", "--dataset", str(dataset), "--train-dir", str(train_dir), "--checkpoint", str(checkpoint),
+            *FAST, *extra]  # fmt: skip
+
+
+# Dropout stays on, so resume must replay its masks; the whole network runs each step (no feature cache),
+# so the stop lands mid-run and batch norm, the reader and the optimizer state all have to come back.
+RESUMABLE = ["--steps", "14", "--save-every", "2", "--feature-cache", "off"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(dataset, standin_checkpoint, tmp_path_factory) -> Path:
+    """The run the stopped ones must end up equal to: the same command, never stopped."""
+    train_dir = tmp_path_factory.mktemp("straight") / "run"
+    straight = run_cli(*_train_args(dataset, train_dir, standin_checkpoint, *RESUMABLE))
+    assert straight.returncode == 0, straight.stderr
+    return train_dir
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
-def test_a_stopped_run_resumes_to_the_same_variables(dataset, standin_checkpoint, tmp_path, stop):
-    # Dropout stays on, so resume must replay its masks; the whole network runs each step (no feature cache),
-    # so the stop lands mid-run and batch norm, the reader and the optimizer state all have to come back.
-    steps = ["--steps", "14", "--save-every", "2", "--feature-cache", "off"]
-    straight = run_cli(*_train_cli(dataset, tmp_path / "straight", standin_checkpoint, *steps)[3:])
-    assert straight.returncode == 0, straight.stderr
-
-    command = _train_cli(dataset, tmp_path / "stopped", standin_checkpoint, *steps)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_a_stopped_run_resumes_to_the_same_variables(dataset, standin_checkpoint, straight_run, tmp_path, stop):
+    # The stopped run is a process of its own: the signal is the point.
+    args = _train_args(dataset, tmp_path / "stopped", standin_checkpoint, *RESUMABLE)
+    process = subprocess.Popen([sys.executable, "-m", "finetune", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while not (tmp_path / "stopped" / "model.ckpt-4.index").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -118,10 +128,10 @@ def test_a_stopped_run_resumes_to_the_same_variables(dataset, standin_checkpoint
     stopped_at = tf.train.latest_checkpoint(str(tmp_path / "stopped"))
     assert stopped_at and int(stopped_at.rsplit("-", 1)[1]) < 14
 
-    resumed = run_cli(*command[3:])
+    resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {stopped_at}" in resumed.stderr
-    a = _variables(tf.train.latest_checkpoint(str(tmp_path / "straight")))
+    a = _variables(tf.train.latest_checkpoint(str(straight_run)))
     b = _variables(tf.train.latest_checkpoint(str(tmp_path / "stopped")))
     assert a.keys() == b.keys() and int(a["global_step"]) == int(b["global_step"]) == 14
     for name in a:
@@ -146,8 +156,8 @@ def test_two_cpu_towers_match_one_device(dataset, standin_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dataset, standin_checkpoint, tmp_path):
-    result = run_cli(*_train_cli(dataset, tmp_path / "run", standin_checkpoint, "--steps", "30",
-                                 "--optimizer", "sgd", "--learning-rate", "1e12", "--save-every", "1")[3:])  # fmt: skip
+    result = run_cli(*_train_args(dataset, tmp_path / "run", standin_checkpoint, "--steps", "30",
+                                  "--optimizer", "sgd", "--learning-rate", "1e12", "--save-every", "1"))  # fmt: skip
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the loss became") and "lower --learning-rate (it was 1e+12)" in last
