@@ -593,12 +593,15 @@ def table(report: dict) -> str:
 
 def run_one_stage(args: argparse.Namespace) -> int:
     """``--stage NAME``: runs the stage in this process and prints its JSON, with this process's peak memory."""
-    from finetune import model
     from finetune.errors import FinetuneError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # finetune's progress and warnings, on stderr
     try:
-        pretrained = Path(model.open_checkpoint(args.checkpoint).path).resolve() if args.checkpoint else None
+        pretrained = None
+        if args.checkpoint:  # the prefix TensorFlow reads, checked as `finetune train` checks it
+            from finetune import model
+
+            pretrained = Path(model.open_checkpoint(args.checkpoint).path).resolve()
         result = STAGES[args.stage](Work(Path(args.work), QUICK if args.quick else FULL, pretrained))
     except FinetuneError as error:
         sys.exit(f"error: {error}")
