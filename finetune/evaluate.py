@@ -170,8 +170,9 @@ def predict_split(info, split: str, batch_size: int, image_size: int, build_prob
     """Runs the split once through a graph; returns probabilities, labels, paths, seconds.
 
     ``build_probabilities`` maps the batch of preprocessed images to the tensor fetched per batch (from
-    :func:`checkpoint_source` or :func:`frozen_source`); ``restore(session)`` loads its weights. Public so
-    that ``scripts/benchmark.py`` times and compares exactly the graph `finetune evaluate` runs.
+    :func:`checkpoint_source` or :func:`frozen_source`, or any other function of the images);
+    ``restore(session)`` loads its weights. The split is read with eval preprocessing, every example once,
+    in its file order: the pass :func:`evaluate` scores.
     """
     from finetune.compat import tf
     from finetune.dataset import read_dataset
