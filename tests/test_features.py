@@ -124,18 +124,16 @@ def _extract(dataset_dir, checkpoint_path, image_size, cache_dir) -> features.Ex
 
 
 def _edit_checkpoint(source, target, scope):
-    """A V1 copy of the checkpoint in which the first weights under `scope` are nudged by 0.01."""
+    """A V1 copy of the checkpoint in which the first weights under `scope` are nudged by 0.01.
+
+    Written by the V1 save op directly (the same bytes a V1 Saver writes for these values), without a graph
+    holding 100 MB of constants, which took ten times longer."""
     reader = tf.compat.v1.train.NewCheckpointReader(str(source))
     names = sorted(reader.get_variable_to_shape_map())
     edited = next(n for n in names if n.startswith(scope + "/") and n.endswith("/weights"))
     target.parent.mkdir(parents=True)
-    with tf.Graph().as_default():
-        variables = [
-            tf.compat.v1.Variable(reader.get_tensor(n) + (0.01 if n == edited else 0), name=n) for n in names
-        ]
-        with tf.compat.v1.Session() as session:
-            session.run(tf.compat.v1.global_variables_initializer())
-            tf.compat.v1.train.Saver(variables, write_version=1).save(session, str(target), write_meta_graph=False)
+    values = [reader.get_tensor(n) + (0.01 if n == edited else 0) for n in names]
+    tf.raw_ops.Save(filename=str(target), tensor_names=names, data=values)
 
 
 @pytest.mark.slow
