@@ -76,6 +76,10 @@ class Evaluation:
     report: str | None = None  # the JSON file written
     confusion_png: str | None = None
     warnings: list[str] = field(default_factory=list)
+    html: str | None = None  # the HTML report written (see finetune/report.py), unless --no-html
+    html_bytes: int | None = None
+    html_seconds: float | None = None  # time spent building it (pictures, Grad-CAM, curves)
+    expected_calibration_error: float | None = None  # 15 equal-width confidence bins
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -299,6 +303,7 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         compute = precision.resolve(config.precision or "fp32")
         used = compute.precision
         build, restore = checkpoint_source(source, len(classes), compute.dtype)
+    open_gradcam = _gradcam_opener(config, source, classes, image_size, None if config.model else compute.dtype)
     probabilities, labels, paths, seconds = predict_split(
         info, config.split, config.batch_size, image_size, build, restore
     )
@@ -324,8 +329,35 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
     png = report.with_suffix(".png")
     evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
     evaluation.report = str(report)
+    if config.html:
+        _write_html(evaluation, config, report.with_suffix(".html"), probabilities, labels, info, image_size,
+                    open_gradcam, train_dir)  # fmt: skip
     write_text_atomically(report, json.dumps(asdict(evaluation), indent=2) + "\n")
     return evaluation
+
+
+def _gradcam_opener(config: EvaluateConfig, source: str, classes: list[str], image_size: int, dtype: str | None):
+    """A function that opens the Grad-CAM graph of the model being evaluated (a .pb or the checkpoint)."""
+    from finetune import gradcam
+
+    if config.model:
+        return lambda: gradcam.from_frozen(config.model)
+    return lambda: gradcam.from_checkpoint(source, classes, image_size, dtype)
+
+
+def _write_html(evaluation: Evaluation, config: EvaluateConfig, path: Path, probabilities, labels, info,
+                image_size: int, open_gradcam, train_dir: Path | None) -> None:  # fmt: skip
+    """Writes the HTML report beside the JSON and records where, its size and what it cost."""
+    from finetune import report
+
+    written = report.write_report(path, evaluation, probabilities, labels, info, image_size, open_gradcam,
+                                  train_dir, config.correct_examples)  # fmt: skip
+    evaluation.html, evaluation.html_bytes = str(written.path), written.size_bytes
+    evaluation.html_seconds = written.seconds
+    evaluation.expected_calibration_error = written.expected_calibration_error
+    for warning in written.warnings:
+        log.warning(warning)
+    evaluation.warnings += written.warnings
 
 
 def watch(config: EvaluateConfig, on_evaluation) -> int:
