@@ -32,6 +32,40 @@ from finetune.network import ROOT
 CAM_BLOCK = f"{ROOT}/Mixed_7c"  # the last Inception block: the finest grid that still sees whole objects
 
 
+HEAT_MAPS = "finetune_gradcam_heat_maps"  # graph collection: the heat-map tensor evaluate fetches per batch
+
+
+def heat_map_tensor(block, logits, target=None):
+    """Grad-CAM maps [N, h, w] (not yet scaled) of ``target`` classes (default: the predicted ones).
+
+    The gradient runs from the logits back to the block only (the final pool and the 1x1 Logits conv), so
+    it costs almost nothing beside the forward pass that computed the block.
+    """
+    from finetune.compat import tf
+
+    if target is None:
+        target = tf.argmax(logits, axis=1, output_type=tf.int32)
+    chosen = tf.reduce_sum(logits * tf.one_hot(target, tf.shape(logits)[1], dtype=logits.dtype))
+    (gradient,) = tf.gradients(chosen, [block])
+    weights = tf.reduce_mean(tf.cast(gradient, tf.float32), axis=[1, 2])  # [N, channels]
+    return tf.nn.relu(tf.einsum("nhwc,nc->nhw", tf.cast(block, tf.float32), weights))
+
+
+def frozen_block(graph, flag: str = "--model", model_path: str | Path = ""):
+    """Mixed_7c's output in an imported frozen graph."""
+    blocks = [op for op in graph.get_operations() if op.name.endswith("Mixed_7c/concat")]
+    if len(blocks) != 1:
+        raise FinetuneError(f"{flag} {model_path}: no single {CAM_BLOCK} output in the graph; "
+                            "pass a .pb written by `finetune export`")  # fmt: skip
+    return blocks[0].outputs[0]
+
+
+def scale(heat: np.ndarray) -> np.ndarray:
+    """Each map divided by its maximum, so maps read alike whatever the logit's scale (all-zero stays zero)."""
+    peak = heat.reshape(len(heat), -1).max(axis=1) if len(heat) else np.zeros(0)
+    return (heat / np.where(peak > 0, peak, 1.0)[:, None, None]).astype(np.float32)
+
+
 class GradCam:
     """A graph that maps preprocessed images to probabilities and Grad-CAM heat maps, with its session."""
 
@@ -42,11 +76,7 @@ class GradCam:
         with graph.as_default():
             predicted = tf.argmax(logits, axis=1, output_type=tf.int32)
             self.target = tf.compat.v1.placeholder_with_default(predicted, [None], name="gradcam_target")
-            chosen = tf.reduce_sum(logits * tf.one_hot(self.target, tf.shape(logits)[1], dtype=logits.dtype))
-            (gradient,) = tf.gradients(chosen, [block])
-            block32, gradient32 = tf.cast(block, tf.float32), tf.cast(gradient, tf.float32)
-            weights = tf.reduce_mean(gradient32, axis=[1, 2])  # [N, channels]
-            self.heat = tf.nn.relu(tf.einsum("nhwc,nc->nhw", block32, weights))
+            self.heat = heat_map_tensor(block, logits, self.target)
             self.probabilities = probabilities
 
     def run(self, images: np.ndarray, targets: np.ndarray | None = None, batch_size: int = 16):
@@ -65,10 +95,7 @@ class GradCam:
             heats.append(h)
         if not probabilities:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 1, 1), np.float32)
-        heat = np.concatenate(heats)
-        peak = heat.reshape(len(heat), -1).max(axis=1)
-        heat = heat / np.where(peak > 0, peak, 1.0)[:, None, None]
-        return np.concatenate(probabilities), heat.astype(np.float32)
+        return np.concatenate(probabilities), scale(np.concatenate(heats))
 
     def close(self) -> None:
         self.session.close()
@@ -110,12 +137,9 @@ def from_frozen(model_path: str | Path, flag: str = "--model"):
             graph_def, input_map={f"{INPUT}:0": images}, return_elements=[f"{LOGITS}:0", f"{PROBABILITIES}:0"],
             name="model",
         )  # fmt: skip
-        blocks = [op for op in graph.get_operations() if op.name.endswith("Mixed_7c/concat")]
-        if len(blocks) != 1:
-            raise FinetuneError(f"{flag} {model_path}: no single {CAM_BLOCK} output in the graph; "
-                                "pass a .pb written by `finetune export`")  # fmt: skip
+        block = frozen_block(graph, flag, model_path)
         session = tf.compat.v1.Session(graph=graph, config=session_config())
-        return GradCam(graph, session, images, blocks[0].outputs[0], logits, probabilities, list(info.classes))
+        return GradCam(graph, session, images, block, logits, probabilities, list(info.classes))
 
 
 def check_explainable(model_path: str | Path, flag: str = "--model") -> None:

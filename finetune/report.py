@@ -26,11 +26,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
-from finetune.errors import FinetuneError
 from finetune.files import write_text_atomically
 
 log = logging.getLogger("finetune")
@@ -456,15 +453,23 @@ def write_report(
     labels: np.ndarray,
     info,
     image_size: int,
-    open_gradcam: Callable,
+    heat_maps: np.ndarray | None,
     train_dir: Path | None,
     correct_per_class: int,
 ) -> ReportResult:
-    """Draws the gallery (with Grad-CAM from ``open_gradcam()``), reads the curves, writes the HTML atomically."""
+    """Draws the gallery, reads the curves, writes the HTML atomically.
+
+    ``heat_maps`` are the Grad-CAM maps of every example of the split ([N, h, w], in split order), as the
+    evaluation pass computed them; None draws the pictures alone, with a note.
+    """
     from finetune import gradcam
 
     started = time.monotonic()
     notes, warnings = [], []
+    if heat_maps is None:
+        notes.append("no Grad-CAM heat maps: this model's format gives no gradients; pictures alone")
+    elif len(heat_maps) != len(labels):
+        raise ValueError(f"heat maps for {len(heat_maps)} examples, but the split has {len(labels)}")
     mistakes, correct = select_examples(probabilities, labels, len(evaluation.most_confident_mistakes),
                                         correct_per_class)  # fmt: skip
     if len(mistakes) > MAX_MISTAKE_PICTURES:
@@ -475,18 +480,9 @@ def write_report(
     pictures: dict[int, Picture] = {}
     if images:
         order = [i for i in drawn if i in images]
-        batch = np.stack([images[i][0] for i in order])
-        try:
-            cam = open_gradcam()
-        except FinetuneError as exc:  # a model format without gradients: pictures without heat maps
-            notes.append(f"no Grad-CAM heat maps: {exc}")
-            heat = [None] * len(batch)
-        else:
-            try:
-                _, heat = cam.run(batch)
-            finally:
-                cam.close()
-        for i, image, heat_map in zip(order, batch, heat):
+        for i in order:
+            image = images[i][0]
+            heat_map = None if heat_maps is None else heat_maps[i]
             if images[i][1] != evaluation.predictions[i].path:  # never put one file's picture under another's name
                 expected = evaluation.predictions[i].path
                 warnings.append(f"report: example {i} read back as {images[i][1]}, not {expected}; not drawn")

@@ -194,19 +194,11 @@ def test_the_report_is_written_atomically(odd_report, standin_checkpoint):
     before = os.stat(path).st_ino
     info = load_dataset(str(odd_report.root / "dataset"))
 
-    def broken():
-        raise RuntimeError("the model went away")
-
-    with pytest.raises(RuntimeError):
-        report.write_report(path, evaluation, probabilities, labels, info, 75, broken, odd_report.run, 1)
+    with pytest.raises(ValueError):  # heat maps that do not fit the split: refused before anything is written
+        report.write_report(path, evaluation, probabilities, labels, info, 75, np.zeros((1, 1, 1)), odd_report.run, 1)
     assert path.read_text() == "the old report"
-    from finetune import gradcam
-
-    run_checkpoint = evaluation.source
-    def opened():
-        return gradcam.from_checkpoint(run_checkpoint, classes, 75)
-
-    result = report.write_report(path, evaluation, probabilities, labels, info, 75, opened, odd_report.run, 1)
+    heat = np.random.default_rng(0).random((len(labels), 1, 1)).astype(np.float32)
+    result = report.write_report(path, evaluation, probabilities, labels, info, 75, heat, odd_report.run, 1)
     assert path.read_text().startswith("<!DOCTYPE html>")
     assert os.stat(path).st_ino != before  # renamed into place, not rewritten in place
     assert result.size_bytes == path.stat().st_size
@@ -278,16 +270,22 @@ def test_gradcam_looks_at_the_corner_that_decides_the_class(tmp_path_factory, st
                                eval_every=0, lr_search="off"))  # fmt: skip
     run = SimpleNamespace(dataset=root / "dataset", image_size=size)
     images, labels, paths = validation_examples(run)
-    from finetune.dataset import load_dataset
-
     classes = list(load_dataset(str(root / "dataset")).classes)
     corner = classes.index("corner")
+    from finetune.evaluate import checkpoint_source, predict_split
+
+    # evaluate computes the maps inside its own pass over the split; they must be GradCam's maps.
+    extras: dict = {}
+    every, _, _, _ = predict_split(load_dataset(str(root / "dataset")), "validation", 50, size,
+                                   *checkpoint_source(result.checkpoint, 2, heat_maps=True), extras)  # fmt: skip
     cam = gradcam.from_checkpoint(result.checkpoint, classes, size)
     try:
         probabilities, heat = cam.run(images[labels == corner], np.full((labels == corner).sum(), corner))
+        _, again = cam.run(images, every.argmax(axis=1))
     finally:
         cam.close()
     assert heat.shape[1:] == (3, 3)
+    np.testing.assert_allclose(extras["heat_maps"], again, atol=1e-4)
     peaks = [np.unravel_index(np.argmax(gradcam.upsample(h, size)), (size, size)) for h in heat]
     inside = [y < size / 2 and x < size / 2 for y, x in peaks]
     assert np.mean(inside) >= 0.9, (peaks, probabilities)
