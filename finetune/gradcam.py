@@ -229,10 +229,13 @@ class Explanation:
 
 
 def _preprocess_files(paths: list[Path], image_size: int) -> list[np.ndarray | str]:
-    """Each file decoded and put through the eval transform, or the reason it cannot be."""
-    from PIL import Image, ImageOps
+    """Each file decoded and put through the eval transform, or the reason it cannot be.
 
+    The bytes go to TensorFlow's decoder as `finetune predict` sends them (turned upright first when EXIF
+    says so), so an explanation sees the same pixels, and gives the same probabilities, as a prediction.
+    """
     from finetune.compat import tf
+    from finetune.predict import _upright_bytes
     from finetune.preprocessing import decode_image, preprocess_for_eval
 
     results: list[np.ndarray | str] = []
@@ -242,15 +245,11 @@ def _preprocess_files(paths: list[Path], image_size: int) -> list[np.ndarray | s
         with tf.compat.v1.Session() as session:
             for path in paths:
                 try:
-                    with Image.open(path) as image:  # turned upright as build-dataset stores photos
-                        upright = ImageOps.exif_transpose(image).convert("RGB")
-                    buffer = io.BytesIO()
-                    upright.save(buffer, format="PNG")
-                    results.append(session.run(prepared, {encoded: buffer.getvalue()}))
+                    results.append(session.run(prepared, {encoded: _upright_bytes(path.read_bytes())}))
                 except OSError as exc:
-                    results.append(f"cannot read as an image ({exc})")
+                    results.append(f"cannot read ({exc.strerror})")
                 except tf.errors.OpError:
-                    results.append("cannot decode")
+                    results.append("cannot decode: not an image TensorFlow can read")
     return results
 
 
