@@ -25,6 +25,7 @@ from finetune.config import (
     BuildDatasetConfig,
     DownloadConfig,
     EvaluateConfig,
+    ExplainConfig,
     ExportConfig,
     PredictConfig,
     PreviewConfig,
@@ -185,6 +186,9 @@ def _print_evaluation(evaluation: Any) -> None:
         for mistake in evaluation.most_confident_mistakes:
             print(f"  {mistake.path}: {mistake.label} taken for {mistake.predicted} ({mistake.confidence:.3f})")
     print(f"report: {evaluation.report}\nconfusion matrix: {evaluation.confusion_png}")
+    if evaluation.html:
+        print(f"html report: {evaluation.html} ({evaluation.html_bytes / 1024:,.0f} KiB, built in "
+              f"{evaluation.html_seconds:.1f} s; ECE {evaluation.expected_calibration_error:.4f})")  # fmt: skip
 
 
 def _run_evaluate(config: Any, args: argparse.Namespace) -> int:
@@ -236,6 +240,24 @@ def _run_predict(config: Any, args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if failed:
         print(f"error: {failed} file(s) could not be labelled; see the lines above", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_explain(config: Any, args: argparse.Namespace) -> int:
+    from finetune.gradcam import explain
+
+    failed = 0
+    for explanation in explain(config):
+        if explanation.error:
+            failed += 1
+            print(f"error: {explanation.path}: {explanation.error}", file=sys.stderr)
+        if args.json:
+            print(to_json(explanation))
+        elif not explanation.error:
+            print(f"{explanation.path}\t{explanation.predicted} {explanation.probability:.4f}\t"
+                  f"Grad-CAM for {explanation.explained} -> {explanation.overlay}")  # fmt: skip
+    if failed:
+        print(f"error: {failed} file(s) could not be explained; see the lines above", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -297,6 +319,8 @@ COMMANDS: list[Command] = [
             json_output=True),  # fmt: skip
     Command("export", "freeze a run into a .pb for inference", ExportConfig, _run_export, json_output=True),
     Command("predict", "label image files with an exported .pb", PredictConfig, _run_predict, json_output=True),
+    Command("explain", "draw where the network looked (Grad-CAM) for given images, with a .pb or a train dir",
+            ExplainConfig, _run_explain, json_output=True),  # fmt: skip
 ]
 
 

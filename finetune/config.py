@@ -330,12 +330,19 @@ class EvaluateConfig:
     mistakes: int = option(10, help="how many of the most confident mistakes to list")
     watch: bool = option(False, help="evaluate each new checkpoint as training writes it")
     watch_minutes: float = option(30.0, help="with --watch, stop after this long without a new checkpoint")
+    # The HTML report: one self-contained file beside the JSON (see finetune/report.py).
+    html: bool = option(True, help="also write eval-<split>.html: mistakes as pictures with Grad-CAM, curves")
+    correct_examples: int = option(
+        2, help="correct examples per class shown in the HTML report, beside the mistakes", metavar="N"
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             _fail("--batch-size", self.batch_size, "must be at least 1")
         if self.mistakes < 0:
             _fail("--mistakes", self.mistakes, "must be zero or more")
+        if self.correct_examples < 0:
+            _fail("--correct-examples", self.correct_examples, "must be zero or more")
         check_precision(self.precision)
 
 
@@ -410,3 +417,17 @@ class QuickstartConfig:
             _fail("--steps", self.steps, "must be at least 1")
         if self.batch_size < 1:
             _fail("--batch-size", self.batch_size, "must be at least 1")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """`finetune explain`: Grad-CAM heat maps of where the network looked, for given images."""
+
+    paths: tuple[str, ...] = option(help="image files, or folders searched recursively", positional=True,
+                                    metavar="IMAGE_OR_FOLDER")  # fmt: skip
+    model: str | None = option(None, help="an exported .pb (TFLite and ONNX files have no gradients to use)")
+    train_dir: str | None = option(None, help="a training run instead of --model: its newest checkpoint")
+    checkpoint: str | None = option(None, help="with --train-dir, a specific checkpoint (default: the newest)")
+    out: str = option("explanations", help="folder for the overlays, one <image>.gradcam.jpg each", metavar="DIR")
+    class_name: str | None = option(None, help="explain this class instead of the predicted one", flag="--class",
+                                    metavar="NAME")  # fmt: skip

@@ -76,6 +76,10 @@ class Evaluation:
     report: str | None = None  # the JSON file written
     confusion_png: str | None = None
     warnings: list[str] = field(default_factory=list)
+    html: str | None = None  # the HTML report written (see finetune/report.py), unless --no-html
+    html_bytes: int | None = None
+    html_seconds: float | None = None  # time spent building it (pictures, Grad-CAM, curves)
+    expected_calibration_error: float | None = None  # 15 equal-width confidence bins
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -166,14 +170,18 @@ def draw_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
 # ------------------------------------------------------------------------------------------- predictions
 
 
-def predict_split(info, split: str, batch_size: int, image_size: int, build_probabilities, restore):
+def predict_split(info, split: str, batch_size: int, image_size: int, build_probabilities, restore,
+                  extras: dict | None = None):  # fmt: skip
     """Runs the split once through a graph; returns probabilities, labels, paths, seconds.
 
     ``build_probabilities`` maps the batch of preprocessed images to the tensor fetched per batch (from
     :func:`checkpoint_source` or :func:`frozen_source`, or any other function of the images);
     ``restore(session)`` loads its weights. The split is read with eval preprocessing, every example once,
-    in its file order: the pass :func:`evaluate` scores.
+    in its file order: the pass :func:`evaluate` scores. When the builder also made Grad-CAM maps
+    (``heat_maps=True``), they are fetched too and put in ``extras`` under "heat_maps" ([N, h, w], each
+    scaled to a maximum of 1).
     """
+    from finetune.gradcam import HEAT_MAPS
     from finetune.compat import tf
     from finetune.dataset import read_dataset
     from finetune.runtime import session_config
@@ -183,6 +191,7 @@ def predict_split(info, split: str, batch_size: int, image_size: int, build_prob
             batches = read_dataset(info, split, batch_size=batch_size, image_size=image_size, training=False)
             batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
         probabilities = build_probabilities(batch["image"])
+        heat = tf.compat.v1.get_collection(HEAT_MAPS)[:1]
         with tf.compat.v1.Session(config=session_config()) as session:
             restore(session)
             outputs, started = [], time.monotonic()
@@ -191,7 +200,7 @@ def predict_split(info, split: str, batch_size: int, image_size: int, build_prob
             with Progress(f"evaluate {split}", info.split_counts.get(split)) as progress:
                 while True:
                     try:
-                        result = session.run([probabilities, batch["label"], batch["path"]])
+                        result = session.run([probabilities, batch["label"], batch["path"], *heat])
                     except tf.errors.OutOfRangeError:
                         break
                     outputs.append(result)
@@ -203,11 +212,20 @@ def predict_split(info, split: str, batch_size: int, image_size: int, build_prob
     labels = np.concatenate([o[1] for o in outputs]).astype(np.int64)
     # For reports and messages only; a file name that is not UTF-8 shows its odd bytes as U+FFFD.
     paths = [p.decode("utf-8", "replace") for o in outputs for p in o[2]]
+    if extras is not None and heat:
+        from finetune.gradcam import scale
+
+        extras["heat_maps"] = scale(np.concatenate([o[3] for o in outputs]))
     return probabilities, labels, paths, seconds
 
 
-def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str = "float32"):
-    """Graph builder and restore function for a checkpoint rebuilt as the inference graph."""
+def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str = "float32",
+                      heat_maps: bool = False):  # fmt: skip
+    """Graph builder and restore function for a checkpoint rebuilt as the inference graph.
+
+    With ``heat_maps`` the builder also adds Grad-CAM maps of the predicted classes to the graph (see
+    :func:`predict_split`).
+    """
     from finetune import model
     from finetune.compat import tf
 
@@ -215,6 +233,10 @@ def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str
 
     def build(images):
         net = model.build(images, num_classes, compute_dtype=compute_dtype)
+        if heat_maps:
+            from finetune.gradcam import HEAT_MAPS, heat_map_tensor
+
+            tf.compat.v1.add_to_collection(HEAT_MAPS, heat_map_tensor(net.end_points["Mixed_7c"], net.logits))
         return net.probabilities
 
     def restore(session):
@@ -225,14 +247,24 @@ def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str
     return build, restore
 
 
-def frozen_source(model_path: Path):
-    """Graph builder for an exported .pb, fed through its preprocessed `input` tensor."""
+def frozen_source(model_path: Path, heat_maps: bool = False):
+    """Graph builder for an exported .pb, fed through its preprocessed `input` tensor (Grad-CAM as above)."""
     from finetune.compat import tf
     from finetune.modelfile import load_graph_def
 
     graph_def = load_graph_def(model_path)
 
     def build(images):
+        if heat_maps:
+            from finetune.gradcam import HEAT_MAPS, frozen_block, heat_map_tensor
+
+            probabilities, logits = tf.compat.v1.import_graph_def(
+                graph_def, input_map={"input:0": images}, return_elements=["probabilities:0", "logits:0"],
+                name="model",
+            )  # fmt: skip
+            block = frozen_block(tf.compat.v1.get_default_graph(), "--model", model_path)
+            tf.compat.v1.add_to_collection(HEAT_MAPS, heat_map_tensor(block, logits))
+            return probabilities
         (probabilities,) = tf.compat.v1.import_graph_def(
             graph_def, input_map={"input:0": images}, return_elements=["probabilities:0"], name="model"
         )
@@ -292,16 +324,17 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
 
         source = str(Path(config.model).resolve())
         used = precision.check_frozen_precision(read_model(config.model).precision, config.precision, config.model)
-        build, restore = frozen_source(Path(config.model))
+        build, restore = frozen_source(Path(config.model), heat_maps=config.html)
     else:
         source = checkpoint or config.checkpoint or rundir.newest_checkpoint(train_dir)
         if not source:
             raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
         compute = precision.resolve(config.precision or "fp32")
         used = compute.precision
-        build, restore = checkpoint_source(source, len(classes), compute.dtype)
+        build, restore = checkpoint_source(source, len(classes), compute.dtype, heat_maps=config.html)
+    extras: dict = {}
     probabilities, labels, paths, seconds = predict_split(
-        info, config.split, config.batch_size, image_size, build, restore
+        info, config.split, config.batch_size, image_size, build, restore, extras
     )
     expected = info.split_counts[config.split]
     if len(labels) != expected:
@@ -325,8 +358,29 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
     png = report.with_suffix(".png")
     evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
     evaluation.report = str(report)
+    if config.html:
+        _write_html(evaluation, config, report.with_suffix(".html"), probabilities, labels, info, image_size,
+                    extras.get("heat_maps"), train_dir)  # fmt: skip
     write_text_atomically(report, json.dumps(asdict(evaluation), indent=2) + "\n")
     return evaluation
+
+
+def _write_html(evaluation: Evaluation, config: EvaluateConfig, path: Path, probabilities, labels, info,
+                image_size: int, heat_maps, train_dir: Path | None) -> None:  # fmt: skip
+    """Writes the HTML report beside the JSON and records where, its size and what it cost.
+
+    The cost counts the report's own work and the Grad-CAM maps the evaluation pass computed for it.
+    """
+    from finetune import report
+
+    written = report.write_report(path, evaluation, probabilities, labels, info, image_size, heat_maps,
+                                  train_dir, config.correct_examples)  # fmt: skip
+    evaluation.html, evaluation.html_bytes = str(written.path), written.size_bytes
+    evaluation.html_seconds = written.seconds
+    evaluation.expected_calibration_error = written.expected_calibration_error
+    for warning in written.warnings:
+        log.warning(warning)
+    evaluation.warnings += written.warnings
 
 
 def watch(config: EvaluateConfig, on_evaluation) -> int:
