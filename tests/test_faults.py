@@ -1,0 +1,256 @@
+"""The fault zoo: hostile inputs and damaged artefacts, built by fixtures, each ending in one clear error.
+
+Every case runs under a deadline (an alarm in-process, a subprocess timeout end to end), asserts the exit
+status, that stderr carries one `error:` line naming the file and the fix and no traceback, and that the good
+data beside the bad is untouched. Tests run as root here, where permission bits do not stop a read, so an
+"unreadable" entry is made with a mechanism that works for root too: a FIFO (opening it for reading would
+wait for a writer forever), a socket (cannot be opened at all), a symbolic link that loops or dangles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, spawn_cli
+
+DEADLINE = 300  # seconds; far above what any case takes, far below forever
+
+
+@contextlib.contextmanager
+def bounded(seconds: int = DEADLINE):
+    """Fails the test instead of hanging when the block runs past ``seconds`` (SIGALRM interrupts a blocking
+    open or read of a FIFO, which Python would otherwise retry)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a read that blocks?")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def one_error(result) -> str:
+    """The single `error:` line of a failed call (exit 1, no traceback)."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------- filesystem oddities
+
+
+def add_odd_entries(folder: Path, walked: Path) -> dict[str, Path]:
+    """Puts one of each odd entry in ``folder``; ``walked`` is a folder the walk visits elsewhere."""
+    folder.mkdir(parents=True, exist_ok=True)
+    odd = {
+        "fifo": folder / "fifo.jpg",
+        "socket": folder / "socket.jpg",
+        "dangling": folder / "dangling.jpg",
+        "loop": folder / "loop_a.jpg",
+        "loop_back": folder / "loop_b.jpg",
+    }
+    os.mkfifo(odd["fifo"])
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(odd["socket"]))
+    server.close()  # the socket file stays, nothing listens
+    os.symlink(folder / "never_there.jpg", odd["dangling"])
+    os.symlink(odd["loop_back"].name, odd["loop"])
+    os.symlink(odd["loop"].name, odd["loop_back"])
+    os.symlink(walked, folder / "walked_again")  # a link to a folder the walk already visited
+    os.symlink("looping_folder", folder / "looping_folder")  # a link to itself, where a folder is expected
+    (folder / "empty_folder").mkdir()
+    return odd
+
+
+@pytest.fixture(scope="module")
+def odd_tree(tmp_path_factory):
+    """Two classes of good images; one class folder also holds every odd entry, and odd names."""
+    from types import SimpleNamespace
+
+    from finetune.synthetic import make_image_folder
+
+    root = tmp_path_factory.mktemp("oddtree") / "photos"
+    made = make_image_folder(root, num_classes=2, images_per_class=6, seed=5, min_side=48, max_side=80,
+                             png_fraction=0.0)  # fmt: skip
+    first, second = made.classes
+    odd = add_odd_entries(root / second, root / first)
+    picture = made.files[first][0].read_bytes()
+    odd_names = [root / second / "new\nline.jpg", Path(os.fsdecode(os.fsencode(str(root / second)) + b"/bad\xffname.jpg"))]
+    for path in odd_names:
+        path.write_bytes(picture)
+    (root / "empty_class_like").mkdir()  # an empty folder at the top: a class with no image
+    good = sorted(p for paths in made.files.values() for p in paths) + odd_names
+    return SimpleNamespace(root=root, classes=made.classes, odd=odd, good=good, odd_names=odd_names)
+
+
+def test_build_dataset_skips_every_odd_entry_and_never_blocks(odd_tree, tmp_path):
+    before = {p: p.read_bytes() for p in odd_tree.good}
+    with bounded():
+        result = run_cli("build-dataset", str(odd_tree.root), "--out", str(tmp_path / "ds"), "--workers", "1",
+                             "--validation-fraction", "0.5")
+    # The empty top-level folder is a third class with no image: refused by name, nothing written.
+    message = one_error(result)
+    assert "empty_class_like" in message
+    assert not (tmp_path / "ds").exists()
+    (odd_tree.root / "empty_class_like").rmdir()
+    try:
+        with bounded():
+            result = run_cli("build-dataset", str(odd_tree.root), "--out", str(tmp_path / "ds"), "--workers", "1",
+                             "--validation-fraction", "0.5")
+    finally:
+        (odd_tree.root / "empty_class_like").mkdir()
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    reasons = {item["path"].split("/")[-1]: item["reason"] for item in meta["skipped"]}
+    assert "FIFO" in reasons["fifo.jpg"]
+    assert "socket" in reasons["socket.jpg"]
+    assert "broken symbolic link" in reasons["dangling.jpg"]
+    assert "loops" in reasons["loop_a.jpg"] and "loops" in reasons["loop_b.jpg"]
+    assert "loops" in reasons["looping_folder"]
+    assert sum(meta["split_counts"].values()) == len(odd_tree.good)  # odd names kept, linked folder once
+    assert {p: p.read_bytes() for p in odd_tree.good} == before
+
+
+def test_build_dataset_refuses_a_class_folder_named_with_a_newline(tmp_path):
+    from finetune.synthetic import make_image_folder
+
+    root = tmp_path / "photos"
+    made = make_image_folder(root, num_classes=2, images_per_class=3, seed=2, min_side=48, max_side=60,
+                             png_fraction=0.0)  # fmt: skip
+    (root / made.classes[1]).rename(root / "two\nlines")
+    with bounded():
+        message = one_error(run_cli("build-dataset", str(root), "--out", str(tmp_path / "ds")))
+    assert "two\\nlines" in message and "rename it" in message
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_file_that_vanishes_or_turns_into_a_fifo_after_the_scan_is_skipped(tmp_path):
+    """The scan saw a regular file; by the time the worker reads it, it is gone, or a FIFO."""
+    from finetune.dataset import _check_file
+
+    os.mkfifo(tmp_path / "was_a_file.jpg")
+    with bounded(30):
+        assert "FIFO" in _check_file(str(tmp_path), None, ("was_a_file.jpg", 0)).reason
+        assert "vanished" in _check_file(str(tmp_path), None, ("gone.jpg", 0)).reason
+
+
+def test_read_regular_file_is_bounded(tmp_path):
+    from finetune.paths import NotReadable, read_regular_file
+
+    (tmp_path / "big.jpg").write_bytes(b"x" * 100)
+    assert read_regular_file(tmp_path / "big.jpg", limit=100) == b"x" * 100
+    with pytest.raises(NotReadable, match="larger than 99 bytes"):
+        read_regular_file(tmp_path / "big.jpg", limit=99)
+    with pytest.raises(NotReadable, match="a folder"):
+        read_regular_file(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def exported_model(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults_export") / "model.pb"
+    result = run_cli("export", "--train-dir", str(trained_run.train_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_predict_labels_every_good_image_and_names_every_odd_entry(exported_model, odd_tree):
+    odd = odd_tree.odd
+    named = [str(odd["fifo"]), str(odd["socket"]), str(odd["dangling"]), str(odd["loop"])]
+    with bounded():
+        result = run_cli("predict", "--model", str(exported_model), str(odd_tree.root), *named)
+    assert result.returncode == 1
+    errors = error_lines(result.stderr)
+    # the folder scan and the named entries: each odd entry once per time it is met, then the summary
+    for path in named:
+        assert sum(path in line for line in errors) == 2, (path, errors)
+    assert errors[-1].startswith(f"error: {len(errors) - 1} file(s) could not be labelled")
+    labelled = [line.split("\t")[0] for line in result.stdout.splitlines()]
+    assert len(labelled) == len(odd_tree.good)
+    assert "new\\nline.jpg" in "".join(labelled)  # one line per file even for a name with a newline
+
+
+@pytest.mark.slow
+def test_predict_on_a_fifo_ends_in_a_fresh_process(exported_model, tmp_path):
+    """End to end, as a user met it: a FIFO given to predict made it wait forever."""
+    os.mkfifo(tmp_path / "photo.jpg")
+    result = spawn_cli("predict", "--model", str(exported_model), str(tmp_path / "photo.jpg"), timeout=DEADLINE)
+    assert result.returncode == 1
+    errors = error_lines(result.stderr)
+    assert any("photo.jpg" in line and "FIFO" in line for line in errors), result.stderr
+
+
+# ---------------------------------------------------------------------------------- wrong kinds of paths
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    """A plain file, a plain folder, a SavedModel-looking folder and a small image tree, to misuse."""
+    from types import SimpleNamespace
+
+    from finetune.synthetic import make_image_folder
+
+    root = tmp_path_factory.mktemp("kinds")
+    (root / "a_file.txt").write_text("not a folder\n")
+    (root / "a_folder").mkdir()
+    (root / "saved").mkdir()
+    (root / "saved" / "saved_model.pb").write_bytes(b"")
+    make_image_folder(root / "photos", num_classes=2, images_per_class=2, seed=1, min_side=48, max_side=50,
+                      png_fraction=0.0)  # fmt: skip
+    return SimpleNamespace(root=root, file=str(root / "a_file.txt"), folder=str(root / "a_folder"),
+                           below_file=str(root / "a_file.txt" / "inside"), saved=str(root / "saved"),
+                           photos=str(root / "photos"))  # fmt: skip
+
+
+WRONG_KINDS = [  # (argv with placeholders, words the error must hold)
+    (["build-dataset", "{file}", "--out", "{root}/ds"], ["IMAGE_DIR", "a_file.txt", "not a folder", "subfolder per class"]),
+    (["build-dataset", "{photos}", "--out", "{file}"], ["--out", "a_file.txt", "not a folder", "choose a folder"]),
+    (["build-dataset", "{photos}", "--out", "{below_file}"], ["--out", "a_file.txt is a file", "choose another path"]),
+    (["build-dataset", "{photos}", "--out", "{photos}"], ["--out", "inside IMAGE_DIR", "write it elsewhere"]),
+    (["build-dataset", "{photos}", "--out", "{photos}/discs/ds"], ["--out", "inside IMAGE_DIR", "write it elsewhere"]),
+    (["preview", "{file}"], ["DATASET", "a_file.txt", "finetune build-dataset"]),
+    (["preview", "{folder}", "--out", "{folder}"], ["--out", "a_folder", "is a folder", "file name"]),
+    (["train", "--dataset", "{file}", "--train-dir", "{root}/run"], ["--dataset", "a_file.txt", "finetune build-dataset"]),
+    (["train", "--dataset", "{folder}", "--train-dir", "{file}"], ["--train-dir", "a_file.txt", "not a folder"]),
+    (["train", "--dataset", "{folder}", "--train-dir", "{below_file}"], ["--train-dir", "choose another path"]),
+    (["train", "--dataset", "{folder}", "--train-dir", "{root}/run", "--cache-dir", "{file}"], ["--cache-dir", "a_file.txt"]),
+    (["evaluate", "--train-dir", "{file}"], ["--train-dir", "a_file.txt", "finetune train"]),
+    (["evaluate", "--model", "{folder}"], ["--model", "a_folder", "is a folder", "finetune export"]),
+    (["evaluate", "--model", "{saved}"], ["--model", "SavedModel folder", ".pb file"]),
+    (["export", "--train-dir", "{file}"], ["--train-dir", "a_file.txt", "finetune train"]),
+    (["export", "--train-dir", "{folder}", "--out", "{folder}"], ["--out", "a_folder", "is a folder"]),
+    (["export", "--train-dir", "{folder}", "--saved-model", "{file}"], ["--saved-model", "a_file.txt"]),
+    (["predict", "--model", "{folder}", "{photos}"], ["--model", "a_folder", "is a folder", "finetune export"]),
+    (["predict", "--model", "{saved}", "{photos}"], ["--model", "SavedModel folder"]),
+    (["download", "--dest", "{file}"], ["--dest", "a_file.txt", "not a folder"]),
+    (["quickstart", "--workdir", "{file}"], ["--workdir", "a_file.txt", "not a folder"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, words", WRONG_KINDS, ids=[" ".join(a[:3]) for a, _ in WRONG_KINDS])
+def test_a_path_of_the_wrong_kind_is_one_error_naming_the_flag(kinds, argv, words):
+    before = sorted(p.relative_to(kinds.root) for p in kinds.root.rglob("*"))
+    with bounded(60):
+        message = one_error(run_cli(*(part.format(**vars(kinds)) for part in argv)))
+    for word in words:
+        assert word in message, (word, message)
+    assert sorted(p.relative_to(kinds.root) for p in kinds.root.rglob("*")) == before  # nothing made
+    assert Path(kinds.file).read_text() == "not a folder\n"
