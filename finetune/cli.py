@@ -31,7 +31,7 @@ from finetune.config import (
     QuickstartConfig,
     TrainConfig,
 )
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, translated_command_errors
 from finetune.paths import check_path_flags
 
 log = logging.getLogger("finetune")
@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(command.config, args)
         check_path_flags(config)  # a file where a folder belongs, or the reverse: one error, before any work
-        return command.run(config, args)
+        with translated_command_errors(config):  # TensorFlow's errors about damaged files, naming the file
+            return command.run(config, args)
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

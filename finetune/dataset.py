@@ -1004,3 +1004,24 @@ def read_dataset(
     # Two batches ready: the next step's, and one being made while it runs.
     batches = examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
     return batches.with_options(pipeline_options())
+
+
+def damaged_shards(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Every shard of the dataset at ``root`` that does not read back whole: (shard, TensorFlow's reason).
+
+    Reads each record and checks its CRCs, so it is only run once a read has already failed, to name the
+    file to the user. A shard named in dataset.json but missing counts as damaged.
+    """
+    from finetune.compat import tf
+
+    info = load_dataset(root)
+    damaged = []
+    for names in info.shard_names.values():
+        for name in names:
+            shard = info.root / name
+            try:
+                for _ in tf.compat.v1.io.tf_record_iterator(str(shard)):
+                    pass
+            except (tf.errors.OpError, OSError) as exc:
+                damaged.append((shard, getattr(exc, "message", None) or str(exc)))
+    return damaged

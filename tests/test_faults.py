@@ -254,3 +254,57 @@ def test_a_path_of_the_wrong_kind_is_one_error_naming_the_flag(kinds, argv, word
         assert word in message, (word, message)
     assert sorted(p.relative_to(kinds.root) for p in kinds.root.rglob("*")) == before  # nothing made
     assert Path(kinds.file).read_text() == "not a folder\n"
+
+
+# ------------------------------------------------------------------------------------- damaged artefacts
+
+
+def damaged_copy(dataset: Path, where: Path, split: str, how: str) -> tuple[Path, Path]:
+    """A copy of ``dataset`` whose first ``split`` shard has bytes flipped mid-file or its tail cut off."""
+    import shutil
+
+    copy = where / f"damaged_{split}_{how}"
+    shutil.copytree(dataset, copy)
+    meta = json.loads((copy / "dataset.json").read_text())
+    shard = copy / meta["shards"][split][0]
+    data = bytearray(shard.read_bytes())
+    if how == "flipped":
+        middle = len(data) // 2
+        data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    else:
+        data = data[: len(data) - 100]
+    shard.write_bytes(bytes(data))
+    return copy, shard
+
+
+def assert_names_damaged_shard(result, shard: Path, dataset: Path) -> None:
+    message = one_error(result)
+    assert str(shard) in message, message
+    assert f"finetune build-dataset IMAGE_DIR --out {dataset} --overwrite" in message, message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["flipped", "truncated"])
+def test_train_on_a_damaged_shard_names_it(trained_run, standin_checkpoint, tmp_path, how):
+    copy, shard = damaged_copy(trained_run.dataset, tmp_path, "train", how)
+    good = {p.name: p.read_bytes() for p in copy.iterdir() if p != shard}
+    with bounded():
+        result = run_cli("train", "--dataset", str(copy), "--train-dir", str(tmp_path / "run"),
+                         "--checkpoint", str(standin_checkpoint), "--image-size", "75", "--batch-size", "8",
+                         "--steps", "30", "--eval-every", "0")  # fmt: skip
+    assert_names_damaged_shard(result, shard, copy)
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p != shard} == good
+
+
+@pytest.mark.slow
+def test_evaluate_and_preview_on_a_damaged_shard_name_it(trained_run, tmp_path):
+    copy, shard = damaged_copy(trained_run.dataset, tmp_path, "validation", "flipped")
+    with bounded():
+        result = run_cli("evaluate", "--train-dir", str(trained_run.train_dir), "--dataset", str(copy))
+    assert_names_damaged_shard(result, shard, copy)
+    copy, shard = damaged_copy(trained_run.dataset, tmp_path, "train", "truncated")
+    with bounded():
+        result = run_cli("preview", str(copy), "--out", str(tmp_path / "preview.png"), "--count", "64",
+                         "--image-size", "75")  # fmt: skip
+    assert_names_damaged_shard(result, shard, copy)
+    assert not (tmp_path / "preview.png").exists()
