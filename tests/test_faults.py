@@ -308,3 +308,24 @@ def test_evaluate_and_preview_on_a_damaged_shard_name_it(trained_run, tmp_path):
                          "--image-size", "75")  # fmt: skip
     assert_names_damaged_shard(result, shard, copy)
     assert not (tmp_path / "preview.png").exists()
+
+
+def test_a_damaged_feature_cache_part_is_removed_with_a_warning_and_the_rest_kept(tmp_path, caplog):
+    import numpy as np
+
+    from finetune import features
+    from finetune.network import FEATURE_SIZE
+
+    cache = features.FeatureCache(tmp_path, "backbone", 75)
+    good_keys = [bytes([i]) * 32 for i in range(3)]
+    cache.add(good_keys, np.ones((3, FEATURE_SIZE), np.float32))
+    cache.add([b"\x09" * 32], np.ones((1, FEATURE_SIZE), np.float32))
+    parts = sorted(cache.directory.glob("part-*.npz"))
+    damaged = next(p for p in parts if p.stat().st_size < max(q.stat().st_size for q in parts))
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated mid-write by a crash, say
+    os.mkfifo(cache.directory / "part-fifo.npz")  # and something that would block a reader
+    with bounded(60):
+        reopened = features.FeatureCache(tmp_path, "backbone", 75)
+    assert all(key in reopened for key in good_keys) and len(reopened) == 3
+    assert not damaged.exists() and not (cache.directory / "part-fifo.npz").exists()
+    assert "2 damaged feature-cache part(s)" in caplog.text and "computed again" in caplog.text
