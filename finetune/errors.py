@@ -7,6 +7,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -74,12 +75,13 @@ def translated_tf_errors(
             raise FinetuneError(
                 f"{what}: out of memory or disk ({_tf_reason(exc)}); use a smaller --batch-size or free space"
             ) from None
-        if not isinstance(exc, (errors.DataLossError, errors.NotFoundError, errors.InvalidArgumentError)):
+        kinds = (errors.DataLossError, errors.NotFoundError, errors.InvalidArgumentError, errors.OutOfRangeError)
+        if not isinstance(exc, kinds):
             raise
         located = locate() if locate is not None else None
         if located:
             raise FinetuneError(located) from None
-        if isinstance(exc, errors.InvalidArgumentError):
+        if isinstance(exc, (errors.InvalidArgumentError, errors.OutOfRangeError)):
             raise
         raise FinetuneError(f"{what}: {_tf_reason(exc)}; {fix}") from None
 
@@ -124,10 +126,30 @@ def _damaged_shard(config: object) -> str | None:
     )
 
 
+def _damaged_checkpoint(config: object) -> str | None:
+    """"checkpoint X is damaged (...); pass another" for the checkpoint the command reads, if it is damaged."""
+    try:
+        from finetune.model import DAMAGED_CHECKPOINT_FIX, damaged_checkpoint
+        from finetune.rundir import newest_checkpoint
+
+        prefix = getattr(config, "checkpoint", None)
+        if prefix and os.path.isdir(prefix):
+            prefix = newest_checkpoint(prefix)
+        elif not prefix and getattr(config, "train_dir", None):
+            prefix = newest_checkpoint(config.train_dir)
+        if not prefix:
+            return None
+        reason = damaged_checkpoint(str(prefix))
+    except (FinetuneError, OSError):
+        return None
+    return f"checkpoint {prefix} is damaged ({reason}); {DAMAGED_CHECKPOINT_FIX}" if reason else None
+
+
 def translated_command_errors(config: object) -> contextlib.AbstractContextManager:
-    """The CLI's edge for one command: TensorFlow's file errors as FinetuneErrors naming the damaged shard."""
+    """The CLI's edge for one command: TensorFlow's file errors as FinetuneErrors naming the damaged file
+    (a dataset shard, a checkpoint) and its fix."""
     return translated_tf_errors(
         f"{type(config).__name__.removesuffix('Config').lower()} failed reading its files",
         "check the files the command reads (a damaged dataset: rebuild it with --overwrite)",
-        lambda: _damaged_shard(config),
+        lambda: _damaged_shard(config) or _damaged_checkpoint(config),
     )

@@ -54,7 +54,12 @@ def backbone_digest(checkpoint_path: str) -> str:
     for name in sorted(reader.get_variable_to_shape_map()):
         if not name.startswith(model.ROOT + "/") or model.in_scopes(name, model.HEAD_SCOPES):
             continue
-        value = np.ascontiguousarray(reader.get_tensor(name))
+        try:
+            value = np.ascontiguousarray(reader.get_tensor(name))
+        except IndexError as exc:  # a truncated .data file: "Read less bytes than requested"
+            raise model.CheckpointError(
+                f"checkpoint {checkpoint_path} is damaged ({exc}); {model.DAMAGED_CHECKPOINT_FIX}"
+            ) from None
         digest.update(f"{name}:{value.dtype}:{value.shape}\n".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()

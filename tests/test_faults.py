@@ -329,3 +329,42 @@ def test_a_damaged_feature_cache_part_is_removed_with_a_warning_and_the_rest_kep
     assert all(key in reopened for key in good_keys) and len(reopened) == 3
     assert not damaged.exists() and not (cache.directory / "part-fifo.npz").exists()
     assert "2 damaged feature-cache part(s)" in caplog.text and "computed again" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def damaged_runs(trained_run, tmp_path_factory):
+    """Copies of the trained run: .data cut in half, .index cut in half."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("damaged_runs")
+    runs = {}
+    for part in ("data", "index"):
+        run = root / f"run_{part}"
+        shutil.copytree(trained_run.train_dir, run)
+        target = next(p for p in run.iterdir() if p.name.startswith("model.ckpt-") and f".{part}" in p.name)
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+        runs[part] = run
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", ["data", "index"])
+@pytest.mark.parametrize("command", ["export", "evaluate"])
+def test_a_truncated_checkpoint_is_named_with_another_to_pass(damaged_runs, trained_run, tmp_path, part, command):
+    run = damaged_runs[part]
+    argv = [command, "--train-dir", str(run)] + (["--out", str(tmp_path / "m.pb")] if command == "export" else [])
+    with bounded():
+        message = one_error(run_cli(*argv))
+    assert str(run / "model.ckpt-40") in message, message
+    assert "pass another checkpoint with --checkpoint" in message, message
+    assert not (tmp_path / "m.pb").exists()
+
+
+@pytest.mark.slow
+def test_training_from_a_truncated_checkpoint_names_it(damaged_runs, trained_run, tmp_path):
+    prefix = damaged_runs["data"] / "model.ckpt-40"
+    with bounded():
+        message = one_error(run_cli("train", "--dataset", str(trained_run.dataset), "--train-dir",
+                                    str(tmp_path / "run"), "--checkpoint", str(prefix), "--image-size", "75",
+                                    "--steps", "1"))  # fmt: skip
+    assert str(prefix) in message and "pass another checkpoint" in message, message
