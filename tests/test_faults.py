@@ -368,3 +368,18 @@ def test_training_from_a_truncated_checkpoint_names_it(damaged_runs, trained_run
                                     str(tmp_path / "run"), "--checkpoint", str(prefix), "--image-size", "75",
                                     "--steps", "1"))  # fmt: skip
     assert str(prefix) in message and "pass another checkpoint" in message, message
+
+
+def test_a_truncated_dataset_json_or_config_json_is_named_with_its_fix(tmp_path):
+    """The owner modules' own checks, kept in the zoo: a half-written metadata file is one error."""
+    dataset, run = tmp_path / "dataset", tmp_path / "run"
+    dataset.mkdir()
+    run.mkdir()
+    (dataset / "dataset.json").write_text('{"format": "finetune-dataset", "vers')
+    (run / "config.json").write_text('{"version": 1, "data')
+    with bounded(60):
+        message = one_error(run_cli("preview", str(dataset), "--out", str(tmp_path / "p.png")))
+    assert "dataset.json" in message and "--overwrite" in message
+    with bounded(60):
+        message = one_error(run_cli("export", "--train-dir", str(run)))
+    assert str(run / "config.json") in message and "start the run over" in message
