@@ -7,6 +7,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -44,6 +45,14 @@ class DownloadError(FinetuneError):
         self.problem = problem
 
 
+def _no_space(filename: str | None, reason: str | None) -> str:
+    where = f" writing {filename}" if filename else ""
+    return (
+        f"the disk is full{where} ({reason}); nothing was left half-written and the previous output is "
+        f"untouched: free some space, or write to another folder"
+    )
+
+
 def _tf_reason(exc: BaseException) -> str:
     """TensorFlow's informative line, without "Graph execution error:" and node tags."""
     message = getattr(exc, "message", None) or str(exc)
@@ -66,11 +75,17 @@ def translated_tf_errors(
     """
     try:
         yield
+    except OSError as exc:  # a full disk or quota while writing, from Python's own writes
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FinetuneError(_no_space(exc.filename, exc.strerror)) from None
     except Exception as exc:
         tf_module = sys.modules.get("tensorflow")
         if tf_module is None or not isinstance(exc, tf_module.errors.OpError):
             raise
         errors = tf_module.errors
+        if isinstance(exc, errors.ResourceExhaustedError) and "space left on device" in _tf_reason(exc):
+            raise FinetuneError(_no_space(None, _tf_reason(exc))) from None
         if isinstance(exc, errors.ResourceExhaustedError):
             raise FinetuneError(
                 f"{what}: out of memory or disk ({_tf_reason(exc)}); use a smaller --batch-size or free space"

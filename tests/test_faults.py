@@ -383,3 +383,58 @@ def test_a_truncated_dataset_json_or_config_json_is_named_with_its_fix(tmp_path)
     with bounded(60):
         message = one_error(run_cli("export", "--train-dir", str(run)))
     assert str(run / "config.json") in message and "start the run over" in message
+
+
+# ------------------------------------------------------------------------------------------ resource limits
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs mounted for the test (needs root); skipped where mounting is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(mount: Path, leave: int = 8192) -> None:
+    usage = os.statvfs(mount)
+    (mount / "filler").write_bytes(b"x" * max(0, usage.f_bavail * usage.f_frsize - leave))
+
+
+def test_build_dataset_on_a_full_disk_keeps_the_previous_dataset(full_disk, tmp_path):
+    from finetune.synthetic import make_image_folder
+
+    photos = tmp_path / "photos"
+    make_image_folder(photos, num_classes=2, images_per_class=4, seed=3, min_side=48, max_side=64,
+                      png_fraction=0.0)  # fmt: skip
+    out = full_disk / "dataset"
+    argv = ["build-dataset", str(photos), "--out", str(out), "--workers", "1", "--validation-fraction", "0.5"]
+    assert run_cli(*argv).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fill(full_disk)
+    with bounded():
+        message = one_error(run_cli(*argv, "--overwrite"))
+    assert "disk is full" in message and "free some space" in message, message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in full_disk.iterdir()) == ["dataset", "filler"]  # no partial folder left
+
+
+def test_a_full_disk_in_pythons_own_writes_is_one_error(full_disk):
+    from finetune.errors import FinetuneError, translated_tf_errors
+    from finetune.files import write_bytes_atomically
+
+    fill(full_disk)
+    (full_disk / "previous.json").write_bytes(b"{}")  # fits in what fill left
+    with pytest.raises(FinetuneError, match="disk is full"):
+        with translated_tf_errors("writing", "free space"):
+            write_bytes_atomically(full_disk / "previous.json", b"x" * 100_000)
+    assert (full_disk / "previous.json").read_bytes() == b"{}"
+    assert [p.name for p in full_disk.iterdir() if p.name.endswith(".tmp")] == []
