@@ -92,7 +92,8 @@ def odd_tree(tmp_path_factory):
     first, second = made.classes
     odd = add_odd_entries(root / second, root / first)
     picture = made.files[first][0].read_bytes()
-    odd_names = [root / second / "new\nline.jpg", Path(os.fsdecode(os.fsencode(str(root / second)) + b"/bad\xffname.jpg"))]
+    not_utf8 = Path(os.fsdecode(os.fsencode(str(root / second)) + b"/bad\xffname.jpg"))
+    odd_names = [root / second / "new\nline.jpg", not_utf8]
     for path in odd_names:
         path.write_bytes(picture)
     (root / "empty_class_like").mkdir()  # an empty folder at the top: a class with no image
