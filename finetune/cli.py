@@ -32,7 +32,8 @@ from finetune.config import (
     QuickstartConfig,
     TrainConfig,
 )
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, translated_command_errors
+from finetune.paths import check_path_flags
 
 log = logging.getLogger("finetune")
 
@@ -221,13 +222,14 @@ def _run_export(config: Any, args: argparse.Namespace) -> int:
 
 
 def _run_predict(config: Any, args: argparse.Namespace) -> int:
+    from finetune.paths import printable
     from finetune.predict import predict
 
     failed = 0
     for prediction in predict(config):
         if prediction.error:
             failed += 1
-            print(f"error: {prediction.path}: {prediction.error}", file=sys.stderr)
+            print(f"error: {printable(prediction.path)}: {prediction.error}", file=sys.stderr)
             if args.json:
                 print(json.dumps({"path": prediction.path, "error": prediction.error}))
         elif args.json:
@@ -236,7 +238,7 @@ def _run_predict(config: Any, args: argparse.Namespace) -> int:
         else:
             rest = ", ".join(f"{name} {p:.3f}" for name, p in prediction.top[1:])
             name, probability = prediction.top[0]
-            print(f"{prediction.path}\t{name}\t{probability:.4f}" + (f"\t({rest})" if rest else ""))
+            print(f"{printable(prediction.path)}\t{name}\t{probability:.4f}" + (f"\t({rest})" if rest else ""))
         sys.stdout.flush()
     if failed:
         print(f"error: {failed} file(s) could not be labelled; see the lines above", file=sys.stderr)
@@ -482,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(command.config, args)
-        return command.run(config, args)
+        check_path_flags(config)  # a file where a folder belongs, or the reverse: one error, before any work
+        with translated_command_errors(config):  # TensorFlow's errors about damaged files, naming the file
+            return command.run(config, args)
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

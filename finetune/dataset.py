@@ -49,6 +49,7 @@ from finetune.config import BuildDatasetConfig
 from finetune.errors import DataError, EmptySplitError
 from finetune.network import EXIF_ORIENTATION, JPEG_QUALITY
 from finetune.progress import Progress
+from finetune.paths import NotReadable, describe, printable, read_regular_file
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -142,19 +143,29 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_files(folder: Path, seen: set[tuple[int, int]]) -> Iterator[os.DirEntry]:
-    """Every non-hidden entry below ``folder`` that is not a folder, in sorted order; follows links once."""
-    stat = folder.stat()
-    if (stat.st_dev, stat.st_ino) in seen:
-        return  # a link back to a folder already walked
-    seen.add((stat.st_dev, stat.st_ino))
-    with os.scandir(folder) as scan:
-        entries = sorted((entry for entry in scan if not _hidden(entry.name)), key=lambda entry: entry.name)
+def _walk_files(folder: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[str, str | None]]:
+    """(path, None) for every non-hidden file below ``folder``, (path, why not) for an entry that cannot be
+    used (a link that loops or dangles, a FIFO, socket or device, an unreadable folder), in sorted order;
+    follows links to folders once."""
+    try:
+        stat = folder.stat()
+        if (stat.st_dev, stat.st_ino) in seen:
+            return  # a link back to a folder already walked
+        seen.add((stat.st_dev, stat.st_ino))
+        with os.scandir(folder) as scan:
+            entries = sorted((entry for entry in scan if not _hidden(entry.name)), key=lambda entry: entry.name)
+    except OSError as exc:
+        yield str(folder), f"unreadable folder: {exc.strerror or exc}"
+        return
     for entry in entries:
-        if entry.is_dir():
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a link that loops: described below
+            is_dir = False
+        if is_dir:
             yield from _walk_files(Path(entry.path), seen)
         else:
-            yield entry
+            yield entry.path, describe(entry.path)
 
 
 def _check_image_dir(image_dir: Path) -> None:
@@ -175,16 +186,22 @@ def _scan(image_dir: Path) -> _Scan:
             f"IMAGE_DIR {image_dir} has {len(classes)} class folder{found}; a classifier needs at least 2: "
             f"put each class's images in its own subfolder"
         )
+    for name in classes:
+        if printable(name) != name:
+            raise DataError(
+                f"IMAGE_DIR {image_dir} has a class folder named \"{printable(name)}\" (a newline or bytes that "
+                f"are not UTF-8); rename it, since the class name is stored as text"
+            )
     skipped = [(entry.name, "not inside a class folder") for entry in entries if not entry.is_dir()]
     files: list[tuple[str, int]] = []
     seen: set[tuple[int, int]] = set()
     for label, name in enumerate(classes):
-        for entry in _walk_files(image_dir / name, seen):
-            relative = Path(entry.path).relative_to(image_dir).as_posix()
-            if entry.is_file():
+        for path, problem in _walk_files(image_dir / name, seen):
+            relative = Path(path).relative_to(image_dir).as_posix()
+            if problem is None:
                 files.append((relative, label))
             else:
-                skipped.append((relative, "not a regular file (a broken link, a device or a pipe)"))
+                skipped.append((relative, problem))
     return _Scan(classes=classes, files=files, skipped=skipped)
 
 
@@ -256,10 +273,9 @@ def _check_file(root: str, max_side: int | None, item: tuple[str, int]) -> _Imag
 
     path, label = item
     try:
-        with open(os.path.join(root, path), "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        return _Skip(path, f"unreadable: {exc.strerror or exc}")
+        data = read_regular_file(os.path.join(root, path))  # never blocks on a FIFO swapped in since the scan
+    except NotReadable as exc:
+        return _Skip(path, str(exc))
     if not data:
         return _Skip(path, "empty file (0 bytes)")
     sha256 = hashlib.sha256(data).hexdigest()
@@ -498,6 +514,13 @@ def _publish(partial: Path, out: Path) -> None:
 
 def _check_out(out: Path, image_dir: Path, overwrite: bool) -> None:
     """Refuses an --out that would overwrite something, or that overlaps IMAGE_DIR."""
+    out_path, image_path = out.resolve(), image_dir.resolve()
+    if out_path == image_path or image_path in out_path.parents:
+        raise DataError(
+            f"--out {out} is inside IMAGE_DIR {image_dir}, where it would become a class; write it elsewhere"
+        )
+    if out_path in image_path.parents:
+        raise DataError(f"IMAGE_DIR {image_dir} is inside --out {out}; write the dataset elsewhere")
     if out.exists():
         if not out.is_dir():
             raise DataError(f"--out {out} is a file; choose a folder name for the dataset")
@@ -506,13 +529,6 @@ def _check_out(out: Path, image_dir: Path, overwrite: bool) -> None:
                 raise DataError(f"--out {out} already holds a dataset; pass --overwrite to replace it")
         elif any(out.iterdir()):
             raise DataError(f"--out {out} is a folder with other files in it; choose a new or empty folder")
-    out_path, image_path = out.resolve(), image_dir.resolve()
-    if out_path == image_path or image_path in out_path.parents:
-        raise DataError(
-            f"--out {out} is inside IMAGE_DIR {image_dir}, where it would become a class; write it elsewhere"
-        )
-    if out_path in image_path.parents:
-        raise DataError(f"IMAGE_DIR {image_dir} is inside --out {out}; write the dataset elsewhere")
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -988,3 +1004,24 @@ def read_dataset(
     # Two batches ready: the next step's, and one being made while it runs.
     batches = examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
     return batches.with_options(pipeline_options())
+
+
+def damaged_shards(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Every shard of the dataset at ``root`` that does not read back whole: (shard, TensorFlow's reason).
+
+    Reads each record and checks its CRCs, so it is only run once a read has already failed, to name the
+    file to the user. A shard named in dataset.json but missing counts as damaged.
+    """
+    from finetune.compat import tf
+
+    info = load_dataset(root)
+    damaged = []
+    for names in info.shard_names.values():
+        for name in names:
+            shard = info.root / name
+            try:
+                for _ in tf.compat.v1.io.tf_record_iterator(str(shard)):
+                    pass
+            except (tf.errors.OpError, OSError) as exc:
+                damaged.append((shard, getattr(exc, "message", None) or str(exc)))
+    return damaged

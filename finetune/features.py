@@ -15,12 +15,15 @@ and renamed, so a part interrupted half-way is never read. Changing one image re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +54,12 @@ def backbone_digest(checkpoint_path: str) -> str:
     for name in sorted(reader.get_variable_to_shape_map()):
         if not name.startswith(model.ROOT + "/") or model.in_scopes(name, model.HEAD_SCOPES):
             continue
-        value = np.ascontiguousarray(reader.get_tensor(name))
+        try:
+            value = np.ascontiguousarray(reader.get_tensor(name))
+        except IndexError as exc:  # a truncated .data file: "Read less bytes than requested"
+            raise model.CheckpointError(
+                f"checkpoint {checkpoint_path} is damaged ({exc}); {model.DAMAGED_CHECKPOINT_FIX}"
+            ) from None
         digest.update(f"{name}:{value.dtype}:{value.shape}\n".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
@@ -84,11 +92,22 @@ class FeatureCache:
         if not about.exists():
             write_text_atomically(about, json.dumps(description, indent=2) + "\n")
         self._rows: dict[bytes, np.ndarray] = {}
+        damaged = []
         for part in sorted(self.directory.glob("part-*.npz")):
-            with np.load(part) as data:
-                keys, values = data["keys"], data["features"]
-            for key, row in zip(keys, values):
+            loaded = _load_part(part)
+            if loaded is None:
+                damaged.append(part)
+                continue
+            for key, row in zip(*loaded):
                 self._rows[key.tobytes()] = row
+        if damaged:  # removed, so the entries are computed and stored again rather than failing the run
+            for part in damaged:
+                with contextlib.suppress(OSError):
+                    part.unlink()
+            log.warning(
+                f"{len(damaged)} damaged feature-cache part(s) in {self.directory} (first: {damaged[0].name}) "
+                f"were removed; their features are computed again"
+            )
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._rows
@@ -109,6 +128,20 @@ class FeatureCache:
                      features=features.astype(np.float32))  # fmt: skip
         for key, row in zip(keys, features):
             self._rows[key] = row
+
+
+def _load_part(part: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A part's (keys, features), or None when it is damaged: truncated, not an .npz, or the wrong shapes."""
+    from finetune.paths import NotReadable, read_regular_file
+
+    try:
+        with np.load(io.BytesIO(read_regular_file(part)), allow_pickle=False) as data:
+            keys, values = data["keys"], data["features"]
+    except (NotReadable, OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+    if keys.ndim != 2 or keys.shape[1] != 32 or values.shape != (len(keys), model.FEATURE_SIZE):
+        return None
+    return keys, values
 
 
 @dataclass(frozen=True)

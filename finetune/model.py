@@ -327,6 +327,26 @@ def _checkpoint_prefix(path: str, flag: str) -> str:
     )
 
 
+DAMAGED_CHECKPOINT_FIX = (
+    "pass another checkpoint with --checkpoint (an earlier step of the run, or the pretrained one: "
+    "`finetune download --force` fetches it again)"
+)
+
+
+def damaged_checkpoint(prefix: str) -> str | None:
+    """Why the checkpoint at ``prefix`` cannot be read whole (a truncated .index or .data), or None.
+
+    Reads every tensor, so it is run once a restore has already failed, to name the file to the user.
+    """
+    try:
+        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, IndexError) as exc:  # IndexError: "Read less bytes than requested"
+        return (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+    return None
+
+
 def open_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> Checkpoint:
     """Reads a checkpoint's variable shapes (V1 single file or V2), checking that it is an InceptionV3 one.
 
@@ -339,8 +359,7 @@ def open_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> Chec
     except (tf.errors.OpError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{flag} {prefix}: not a readable TensorFlow checkpoint ({reason}); "
-            "run `finetune download --force` to fetch the pretrained one again"
+            f"{flag} {prefix}: not a readable TensorFlow checkpoint ({reason}); {DAMAGED_CHECKPOINT_FIX}"
         ) from None
     shapes = reader.get_variable_to_shape_map()
     if _FIRST_WEIGHTS not in shapes:
@@ -421,5 +440,5 @@ def restore(session: tf.compat.v1.Session, variables: Sequence[tf.Variable], che
     except tf.errors.OpError as exc:
         raise CheckpointError(
             f"--checkpoint {checkpoint.path}: restoring failed ({exc.message.splitlines()[0]}); "
-            "the file may be damaged: run `finetune download --force`"
+            f"the file may be damaged: {DAMAGED_CHECKPOINT_FIX}"
         ) from None

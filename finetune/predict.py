@@ -17,6 +17,7 @@ import numpy as np
 from finetune.config import PredictConfig
 from finetune.errors import FinetuneError
 from finetune.network import EXIF_ORIENTATION, JPEG_QUALITY
+from finetune.paths import NotReadable, read_regular_file
 
 # What a folder scan picks up; a file named on the command line is tried whatever its name.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -39,7 +40,7 @@ def find_images(paths: tuple[str, ...]) -> Iterator[tuple[Path, str | None]]:
                 for file in sorted(files):
                     if not file.startswith(".") and file.lower().endswith(IMAGE_SUFFIXES):
                         yield Path(root) / file, None
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             yield path, None
         else:
             yield path, "no such file or folder"
@@ -141,10 +142,10 @@ def predict(config: PredictConfig) -> Iterator[Prediction]:
 
         for path, problem in find_images(config.paths):
             if problem is None:
-                try:
-                    pending.append((path, _upright_bytes(path.read_bytes())))
-                except OSError as exc:
-                    problem = f"cannot read ({exc.strerror})"
+                try:  # regular files only, never blocking: a FIFO here once made predict wait forever
+                    pending.append((path, _upright_bytes(read_regular_file(path))))
+                except NotReadable as exc:
+                    problem = f"cannot read: {exc}"
             if problem is not None:
                 yield from flush()
                 yield Prediction(str(path), None, problem)
