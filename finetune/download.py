@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from urllib.parse import urlsplit
 
 from finetune import __version__
 from finetune.errors import CheckpointError, DownloadError
-from finetune.files import write_text_atomically
+from finetune.files import open_temporary, write_text_atomically
 from finetune.pretrained import PRETRAINED, PretrainedModel
 from finetune.progress import Progress
 
@@ -479,8 +478,7 @@ def _unpack_member(tarball: Path, source: str, model: PretrainedModel, folder: P
             )
         raise _BadTarball(f"{source}: not a gzip file (it starts with {head[:12]!r})", "check --url")
 
-    descriptor, name = tempfile.mkstemp(prefix=f".{model.member}.", suffix=".tmp", dir=folder)
-    unpacked = Path(name)
+    descriptor, unpacked = open_temporary(Path(folder) / model.member)  # the umask's mode, as every output
     digest = hashlib.sha256()
     found = False
     try:

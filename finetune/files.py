@@ -19,6 +19,19 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def open_temporary(path: Path) -> tuple[int, Path]:
+    """Creates a new temporary file beside ``path`` for writing, mode 0666 less the umask.
+
+    Returns its descriptor and its name; the caller writes, then renames it onto ``path`` or removes it.
+    """
+    while True:
+        temporary = _temporary_name(path)
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
+
+
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     """Writes ``data`` to a temporary file beside ``path`` and renames it into place.
 
@@ -26,14 +39,7 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     temporary file. Concurrent writers each use a temporary file of their own, and the last rename wins.
     The file's mode is 0666 less the umask.
     """
-    path = Path(path)
-    while True:
-        temporary = _temporary_name(path)
-        try:
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:  # another writer drew the same name: draw again
-            continue
+    descriptor, temporary = open_temporary(Path(path))
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)

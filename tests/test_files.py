@@ -60,3 +60,16 @@ def test_an_atomic_write_takes_the_umask_and_leaves_no_temporary(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_an_unpacked_checkpoint_and_its_manifest_follow_the_umask(standin_tarball, tmp_path):
+    from finetune.config import DownloadConfig
+    from finetune.download import download
+
+    previous = os.umask(0o022)
+    try:
+        result = download(DownloadConfig(dest=str(tmp_path / "checkpoints"), url=str(standin_tarball)))
+    finally:
+        os.umask(previous)
+    for path in (Path(result.checkpoint), Path(result.manifest_path)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
