@@ -241,6 +241,25 @@ def _write_predictions(path: Path, model: str, pretrained: bool, predictions: li
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def _length(config: QuickstartConfig) -> str:
+    if config.steps:
+        return f"{config.steps} steps"
+    return f"{config.epochs:g} epochs" if config.epochs else "a schedule derived from the data"
+
+
+def _predict_new_photos(layout: "_Layout", model_path: str) -> list[PhotoPrediction]:
+    """The exported model's answer for each new photo, beside the class it was drawn as."""
+    from finetune.predict import predict
+
+    predictions = []
+    for answer in predict(PredictConfig(paths=(str(layout.new_photos),), model=model_path)):
+        if answer.error:  # generated files always decode; a failure here is a bug worth its traceback
+            raise RuntimeError(f"{answer.path}: {answer.error}")
+        name, probability = answer.top[0]
+        predictions.append(PhotoPrediction(answer.path, Path(answer.path).parent.name, name, probability))
+    return predictions
+
+
 def quickstart(config: QuickstartConfig) -> QuickstartResult:
     """Runs download, build-dataset, train, evaluate, export and predict on generated photos.
 
@@ -253,16 +272,14 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
     from finetune.dataset import DATASET_JSON
     from finetune.evaluate import evaluate
     from finetune.export import export
-    from finetune.predict import predict
     from finetune.rundir import CONFIG_FILE
     from finetune.train import train
 
     started = time.monotonic()
     model.check_image_size(config.image_size)
     layout = _Layout.under(Path(config.workdir))
-    owned = ((layout.photos, MARKER), (layout.new_photos, MARKER), (layout.dataset, DATASET_JSON),
-             (layout.train_dir, CONFIG_FILE))  # fmt: skip
-    for folder, mark in owned:
+    for folder, mark in ((layout.photos, MARKER), (layout.new_photos, MARKER), (layout.dataset, DATASET_JSON),
+                         (layout.train_dir, CONFIG_FILE)):  # fmt: skip
         _refuse_foreign(folder, mark, layout.workdir)
     stages = _Stages()
 
@@ -270,7 +287,6 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
         checkpoint, not_pretrained = _checkpoint(config, layout)
     pretrained = not_pretrained is None
     label = "" if pretrained else " (not pretrained)"
-
     count = NUM_CLASSES * config.images_per_class
     with stages.stage("photos", f"{count} generated flower-style photos of {NUM_CLASSES} classes in {layout.photos}"):
         photos = _generate_photos(layout.photos, config.images_per_class, PHOTOS_SEED)
@@ -279,13 +295,12 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
     with stages.stage("build-dataset", f"{layout.photos} -> {layout.dataset}"):
         built = _build(config, layout)
 
-    length = f"{config.steps} steps" if config.steps else f"{config.epochs:g} epochs" if config.epochs else "a schedule derived from the data"
     start = "the pretrained checkpoint" if pretrained else "random weights, not pretrained"
-    with stages.stage("train", f"the new head for {length} at {config.image_size} px from {start}"):
+    with stages.stage("train", f"the new head for {_length(config)} at {config.image_size} px from {start}"):
         trained = train(TrainConfig(
-            dataset=str(layout.dataset), train_dir=str(layout.train_dir), checkpoint=str(checkpoint),
+            dataset=str(layout.dataset), train_dir=str(layout.train_dir), checkpoint=str(checkpoint), eval_every=0,
             image_size=config.image_size, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
-            eval_every=0, keep_checkpoints=1, overwrite=True,
+            keep_checkpoints=1, overwrite=True,
         ))  # fmt: skip
     if trained.status == "interrupted":
         raise KeyboardInterrupt
@@ -297,12 +312,7 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
         exported = export(ExportConfig(train_dir=str(layout.train_dir)))
 
     with stages.stage("predict", f"the new photos in {layout.new_photos}{label}"):
-        predictions = []
-        for answer in predict(PredictConfig(paths=(str(layout.new_photos),), model=exported.model)):
-            if answer.error:  # generated files always decode; a failure here is a bug worth its traceback
-                raise RuntimeError(f"{answer.path}: {answer.error}")
-            name, probability = answer.top[0]
-            predictions.append(PhotoPrediction(answer.path, Path(answer.path).parent.name, name, probability))
+        predictions = _predict_new_photos(layout, exported.model)
         predictions_file = layout.train_dir / "predictions.json"
         _write_predictions(predictions_file, exported.model, pretrained, predictions)
 
