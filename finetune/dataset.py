@@ -5,12 +5,15 @@ the images into train / validation / test, and writes ``<split>-00000-of-000NN.t
 ``labels.txt`` and ``dataset.json`` into a hidden folder beside ``--out`` that is renamed into place only when
 everything is written.
 
-The split of an image is a function of its bytes and ``--seed`` alone: the SHA-256 of the content, hashed
-again with the seed, gives a position in [0, 1); positions below the validation fraction go to validation,
-the next ``test_fraction`` to test, the rest to train. Each class is split on its own (stratified), adding
-or removing other images never moves an image to another split, and identical files always land together,
-so no picture leaks from train into validation. The price of that stability: a class gets its fraction of
-each split in expectation, not exactly (a class of 100 images at 10% typically gets 7 to 13 for validation).
+The split of an image is a function of its bytes and ``--seed``: the SHA-256 of the content, hashed again
+with the seed, gives a position in [0, 1); positions below the validation fraction go to validation, the next
+``test_fraction`` to test, the rest to train. Each class is split on its own (stratified). Images that must
+stay together share one position, their lowest: identical files, and (``--near-duplicates on``, the default)
+near-duplicates found by perceptual hash (finetune/phash.py), so no picture leaks from train into validation
+as a resized or re-encoded copy. A class gets its fraction in expectation, not exactly; a class with no
+position in a split it needs gets its nearest image *promoted* into it (``split_units`` says which, and
+exactly which images can move when a folder grows: only promoted ones). dataset.json lists the promoted
+images and the near-duplicate sets.
 
 Records carry slim's keys (``image/encoded``, ``image/format`` = ``b"jpg"``, ``image/class/label``,
 ``image/height``, ``image/width``) plus ``image/filename``, the path relative to IMAGE_DIR, so slim-based
@@ -455,7 +458,7 @@ def _refuse_small_classes(
     flags = " and ".join(f"--{split}-fraction 0" for split in required[:-1] if split != "train")
     raise EmptySplitError(
         f"{'; '.join(details)}: each class needs at least {len(required)} to have an image in each of "
-        f"{', '.join(required)}; add images to {'it' if len(small) == 1 else 'them'}, or pass {flags} "
+        f"{', '.join(('train',) + required[:-1])}; add images to {'it' if len(small) == 1 else 'them'}, or pass {flags} "
         f"to build without {'that split' if len(required) == 2 else 'those splits'}"
     )
 

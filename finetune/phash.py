@@ -13,17 +13,19 @@ flower in the same place), so a pair close in layout must also be close in colou
 Cb and Cr) of a 4x4 grid over each picture may differ by at most ``COLOUR_DISTANCE`` on average. A grey
 picture (no chroma anywhere) cannot be checked for colour, so a pair with a grey side must instead be
 within ``GREY_DISTANCE`` bits: a grey copy keeps its original's luminance exactly (0 bits apart in every
-measurement), while a distinct picture that only shares the layout came as close as 10.
+measurement), while distinct pictures that only share a layout came as close as 2.
 A flat picture (one colour, or nearly) has no layout to hash; it gets no signature and is compared with
 nothing.
 
-Both thresholds are measured, not guessed, on 500 generated photos (finetune/synthetic.py, 75 to 320
-pixels; one copy of each kind for every fourth photo): the copies (half size, JPEG quality 60, a 5% crop
-from a corner or the centre, PNG, grey) came within 0 to 10 bits of their originals (95% within 6), and within
-5.5 in colour (crops; the rest within 1). Distinct photos differ in about 27 of the 63 bits on average, but
-these cartoon-like pictures share layouts often: 92 distinct pairs of the 500 came within 10 bits, the closest
-at 4. Their colour differed by 8.6 or more (13.7 or more but for one pair). A threshold of 10 bits keeps
-every copy; 7 in colour, between 5.5 and 8.6, sends all 92 lookalikes apart. Pure numpy and Pillow, no
+The thresholds are measured, not guessed (scripts/bench_near_duplicates.py prints the figures), on 500
+generated photos (finetune/synthetic.py, 75 to 320 pixels; each kind of copy made of every fourth photo):
+the copies (half size, JPEG quality 60, a 5% crop from a corner or the centre, PNG, grey) came within 0 to 10
+bits of their originals (95% within 6; PNG and grey at 0) and within 5.5 in colour (crops; the rest within
+1.1). Distinct photos differ in 27 of the 63 bits on average, but these cartoon-like pictures often share a
+layout: 92 of the 124,750 distinct pairs came within 10 bits (5 within 4, the closest at 2). Their colour
+differed by 8.6 or more (13.7 or more but for one pair). So 10 bits keeps every copy measured, and 7 in
+colour, between 5.5 and 8.6, sends all 92 lookalikes apart; for a grey side, 4 bits keeps the grey copies
+(0) and lets through only the closest few lookalikes of the 124,750. Pure numpy and Pillow, no
 TensorFlow: it runs in build-dataset's worker processes.
 """
 
@@ -102,6 +104,11 @@ def perceptual_hashes(image: PILImage.Image) -> tuple[int, ...]:
     inner = _GRID - _CUT
     corners = ((0, 0), (_CUT, 0), (0, _CUT), (_CUT, _CUT), (_CUT // 2, _CUT // 2))
     return (_hash_of(grid),) + tuple(_hash_of(grid[y : y + inner, x : x + inner]) for x, y in corners)
+
+
+def distance(a: Signature, b: Signature) -> int:
+    """Bits apart: the fewest differing bits between one's plain hash and any hash of the other."""
+    return min(min((a.hashes[0] ^ h).bit_count() for h in b.hashes), min((b.hashes[0] ^ h).bit_count() for h in a.hashes))
 
 
 def colour_distance(a: bytes, b: bytes) -> float | None:
