@@ -108,12 +108,14 @@ def train_fold_heads(
         cross_entropy = -tf.reduce_sum(onehot * tf.nn.log_softmax(logits), axis=-1)  # [folds, images]
         loss = tf.reduce_sum(fit * cross_entropy) + HEAD_WEIGHT_DECAY * 0.5 * tf.reduce_sum(tf.square(weights))
         train = tf.compat.v1.train.AdamOptimizer(HEAD_LEARNING_RATE).minimize(loss)
-        probabilities_of_all = tf.nn.softmax(logits)
+        # Log-probabilities, turned into float64 probabilities here: float32 ones round a confident head's
+        # doubt to 0, and the ranking (by the given label's probability) would lose its order among them.
+        log_probabilities = tf.nn.log_softmax(logits)
         with tf.compat.v1.Session(config=session_config) as session:
             session.run(tf.compat.v1.global_variables_initializer())
             for _ in range(HEAD_STEPS):
                 session.run(train)
-            every = session.run(probabilities_of_all)  # [folds, images, classes]
+            every = np.exp(session.run(log_probabilities).astype(np.float64))  # [folds, images, classes]
     probabilities = np.full((len(labels), num_classes), np.nan)
     for index, fold in enumerate(fold_ids):
         held = folds == fold
@@ -158,15 +160,18 @@ def _cross_class_duplicates(info) -> tuple[list[dict] | None, str | None]:
     rebuild = (f"rebuild it with `finetune build-dataset IMAGE_DIR --out {info.root} --overwrite` "
                "(near-duplicate checking is on by default)")  # fmt: skip
     near = meta.get("near_duplicates")
-    groups = [{"paths": group, "pairs": [], "kind": "identical"} for group in meta.get("duplicates", {}).get("groups", [])]
+    identical = meta.get("duplicates", {}).get("groups", [])
+    groups = [{"paths": group, "pairs": [], "kind": "identical"} for group in identical]
     note = None
     if near is None:
         note = (f"{info.root} was built before near-duplicate checking (dataset.json version "
                 f"{meta.get('version')}): only identical files across classes are shown; {rebuild}")  # fmt: skip
     elif not near.get("checked"):
-        note = f"{info.root} was built with --near-duplicates off: only identical files across classes are shown; {rebuild}"
+        note = (f"{info.root} was built with --near-duplicates off: only identical files across classes are "
+                f"shown; {rebuild}")  # fmt: skip
     else:
-        groups += [{"paths": group["paths"], "pairs": group["pairs"], "kind": "near-duplicate"} for group in near["groups"]]
+        groups += [{"paths": group["paths"], "pairs": group["pairs"], "kind": "near-duplicate"}
+                   for group in near["groups"]]  # fmt: skip
     spanning = [group for group in groups if len({path.split("/")[0] for path in group["paths"]}) > 1]
     return (None if note and not spanning else spanning), note
 
@@ -240,7 +245,7 @@ def audit(config: AuditConfig) -> AuditResult:
 def summary_line(result: AuditResult) -> str:
     """The one line the CLI prints."""
     duplicates = ("near-duplicates not checked (see audit.json)" if result.cross_class_duplicates is None
-                  else f"{len(result.cross_class_duplicates)} sets of copies across classes")  # fmt: skip
+                  else f"{len(result.cross_class_duplicates)} set(s) of copies across classes")  # fmt: skip
     return (
         f"audit of {result.dataset}: {len(result.label_issues)} likely label errors among {result.judged} images "
         f"judged by {result.folds}-fold heads (out-of-fold accuracy {result.out_of_fold_accuracy:.3f}), "

@@ -271,7 +271,9 @@ def _perceptual_hashes(image: PILImage.Image, orientation: int) -> Any:
         return None
 
 
-def _check_file(root: str, max_side: int | None, item: tuple[str, int], near_duplicates: bool = False) -> _Image | _Skip:
+def _check_file(
+    root: str, max_side: int | None, item: tuple[str, int], near_duplicates: bool = False
+) -> _Image | _Skip:
     """Reads, identifies by content, fully decodes and if needed converts one file. Runs in a worker.
 
     With ``near_duplicates`` it also computes the image's perceptual hashes, on the picture already decoded.
@@ -458,7 +460,8 @@ def _refuse_small_classes(
     flags = " and ".join(f"--{split}-fraction 0" for split in required[:-1] if split != "train")
     raise EmptySplitError(
         f"{'; '.join(details)}: each class needs at least {len(required)} to have an image in each of "
-        f"{', '.join(('train',) + required[:-1])}; add images to {'it' if len(small) == 1 else 'them'}, or pass {flags} "
+        f"{', '.join(('train',) + required[:-1])}; add images to {'it' if len(small) == 1 else 'them'}, "
+        f"or pass {flags} "
         f"to build without {'that split' if len(required) == 2 else 'those splits'}"
     )
 
@@ -769,7 +772,8 @@ def _check_images(
     """Checks every file in worker processes; re-encoded images go to ``staging`` as they arrive."""
     images: list[_Image] = []
     skips: list[_Skip] = []
-    check = functools.partial(_check_file, str(image_dir), config.max_side, near_duplicates=config.near_duplicates == "on")
+    near_duplicates = config.near_duplicates == "on"
+    check = functools.partial(_check_file, str(image_dir), config.max_side, near_duplicates=near_duplicates)
     # closing(): on an error or Ctrl-C the worker pool stops at once, not when the traceback is freed.
     results = contextlib.closing(_map_unordered(check, scan.files, workers))
     with Progress("Checking images", total=len(scan.files), unit="images") as progress, results as checked:

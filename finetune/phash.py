@@ -12,20 +12,20 @@ Layout alone cannot tell apart two different pictures that happen to share it (a
 flower in the same place), so a pair close in layout must also be close in colour: the mean chroma (YCbCr's
 Cb and Cr) of a 4x4 grid over each picture may differ by at most ``COLOUR_DISTANCE`` on average. A grey
 picture (no chroma anywhere) cannot be checked for colour, so a pair with a grey side must instead be
-within ``GREY_DISTANCE`` bits: a grey copy keeps its original's luminance exactly (0 bits apart in every
-measurement), while distinct pictures that only share a layout came as close as 2.
+within ``GREY_DISTANCE`` bits: a grey copy keeps its original's luminance (0 to 4 bits apart in every
+measurement: rounding), while distinct pictures that only share a layout came as close as 2.
 A flat picture (one colour, or nearly) has no layout to hash; it gets no signature and is compared with
 nothing.
 
 The thresholds are measured, not guessed (scripts/bench_near_duplicates.py prints the figures), on 500
 generated photos (finetune/synthetic.py, 75 to 320 pixels; each kind of copy made of every fourth photo):
 the copies (half size, JPEG quality 60, a 5% crop from a corner or the centre, PNG, grey) came within 0 to 10
-bits of their originals (95% within 6; PNG and grey at 0) and within 5.5 in colour (crops; the rest within
-1.1). Distinct photos differ in 27 of the 63 bits on average, but these cartoon-like pictures often share a
-layout: 92 of the 124,750 distinct pairs came within 10 bits (5 within 4, the closest at 2). Their colour
-differed by 8.6 or more (13.7 or more but for one pair). So 10 bits keeps every copy measured, and 7 in
-colour, between 5.5 and 8.6, sends all 92 lookalikes apart; for a grey side, 4 bits keeps the grey copies
-(0) and lets through only the closest few lookalikes of the 124,750. Pure numpy and Pillow, no
+bits of their originals (95% within 6; PNG at 0, grey at 0 to 4) and within 5.9 in colour (crops; the rest
+within 1.0). Distinct photos differ in 27 of the 63 bits on average, but these cartoon-like pictures often
+share a layout: 108 of the 124,750 distinct pairs came within 10 bits (16 within 6, the closest at 2). Their
+colour differed by 8.6 or more (13.7 or more but for one pair). So 10 bits keeps every copy measured, 7 in
+colour, between 5.9 and 8.6, sends all 108 lookalikes apart, and for a grey side 6 bits keeps the grey
+copies (4 at most) while letting through only the closest 16 pairs' worth of lookalikes. Pure numpy and Pillow, no
 TensorFlow: it runs in build-dataset's worker processes.
 """
 
@@ -44,11 +44,11 @@ NEAR_DUPLICATE_DISTANCE = 10
 # ... if their colour also differs by at most this much (mean absolute Cb/Cr difference, 0-255 scale).
 COLOUR_DISTANCE = 7.0
 # ... or, when either picture is grey (no colour to compare), at most this many bits apart.
-GREY_DISTANCE = 4
+GREY_DISTANCE = 6
 _GREY = 2  # a picture whose chroma stays this close to neutral (128) everywhere is grey
 _FLAT = 2.0  # a picture whose shrunk luminance spans fewer grey levels than this is flat: no signature
-_GRID = 128  # the luminance is first shrunk to this square; crops are cut from it
-_CUT = 6  # pixels of _GRID cut from a side for the crop hashes (about 5%)
+_SMALL = 64  # the picture is first shrunk by a whole factor to about this many pixels on its short side
+_CUT = 0.047  # share of the width and of the height cut off for the crop hashes (6 of 128: about 5%)
 _SIDE = 32  # the DCT runs on this square
 _LOW = 8  # the 8x8 lowest frequencies
 VARIANTS = 6  # hashes per image: the plain one first, then the five crops
@@ -64,13 +64,11 @@ def _dct_matrix() -> np.ndarray:
     return matrix
 
 
-def _hash_of(luminance: np.ndarray) -> int:
-    from PIL import Image
-
-    small = Image.fromarray(np.ascontiguousarray(luminance)).resize((_SIDE, _SIDE), Image.Resampling.BOX)
+def _bits_of(square: np.ndarray) -> int:
+    """The 63-bit hash of a _SIDE x _SIDE luminance array."""
     dct = _dct_matrix()
-    low = (dct @ np.asarray(small, dtype=np.float64) @ dct.T)[:_LOW, :_LOW].ravel()[1:]
-    bits = np.packbits(np.append(low > np.median(low), False))  # 63 bits and a 0, as 8 bytes
+    low = (dct @ square @ dct.T)[:_LOW, :_LOW].ravel()[1:]
+    bits = np.packbits(np.append(low > np.sort(low)[len(low) // 2], False))  # 63 bits and a 0, as 8 bytes
     return int.from_bytes(bits.tobytes(), "big")
 
 
@@ -82,33 +80,37 @@ class Signature(NamedTuple):
 
 
 def signature(image: PILImage.Image) -> Signature | None:
-    """The signature of a decoded Pillow image (any mode); None for a flat picture."""
+    """The signature of a decoded Pillow image (any mode); None for a flat picture.
+
+    Cheap next to decoding the image: one integer shrink (Image.reduce, a box filter in C) to about _SMALL
+    pixels a side reads the picture once; every hash and the colour grid come from that small copy.
+    """
     from PIL import Image
 
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
-    luminance = np.asarray(image.convert("L").resize((_SIDE, _SIDE), Image.Resampling.BOX, reducing_gap=2.0))
-    if np.ptp(luminance) < _FLAT:
+    factor = max(1, min(image.size) // _SMALL)
+    small = image.reduce(factor) if factor > 1 else image
+    luminance = small.convert("L") if small.mode != "L" else small
+    width, height = small.size
+    cut_x, cut_y = width * _CUT, height * _CUT
+    corners = ((0, 0), (cut_x, 0), (0, cut_y), (cut_x, cut_y), (cut_x / 2, cut_y / 2))
+    boxes = [(0, 0, width, height)] + [(x, y, x + width - cut_x, y + height - cut_y) for x, y in corners]
+    squares = [np.asarray(luminance.resize((_SIDE, _SIDE), Image.Resampling.BOX, box=box), np.float64)
+               for box in boxes]  # fmt: skip
+    if np.ptp(squares[0]) < _FLAT:
         return None
-    chroma = np.asarray(image.convert("RGB").convert("YCbCr").resize((4, 4), Image.Resampling.BOX))[:, :, 1:]
-    return Signature(perceptual_hashes(image), chroma.astype(np.uint8).tobytes())
-
-
-def perceptual_hashes(image: PILImage.Image) -> tuple[int, ...]:
-    """The VARIANTS hashes of a decoded Pillow image (L or RGB): the plain one, then the five crops'."""
-    from PIL import Image
-
-    # reducing_gap: Pillow first shrinks by whole factors (cheap), then resamples; the box filter averages
-    # every pixel, so noise and JPEG blocks wash out.
-    grid = np.asarray(image.convert("L").resize((_GRID, _GRID), Image.Resampling.BOX, reducing_gap=2.0))
-    inner = _GRID - _CUT
-    corners = ((0, 0), (_CUT, 0), (0, _CUT), (_CUT, _CUT), (_CUT // 2, _CUT // 2))
-    return (_hash_of(grid),) + tuple(_hash_of(grid[y : y + inner, x : x + inner]) for x, y in corners)
+    if small.mode == "RGB":
+        chroma = np.asarray(small.resize((4, 4), Image.Resampling.BOX).convert("YCbCr"))[:, :, 1:]
+    else:
+        chroma = np.full((4, 4, 2), 128, np.uint8)
+    return Signature(tuple(_bits_of(square) for square in squares), chroma.astype(np.uint8).tobytes())
 
 
 def distance(a: Signature, b: Signature) -> int:
     """Bits apart: the fewest differing bits between one's plain hash and any hash of the other."""
-    return min(min((a.hashes[0] ^ h).bit_count() for h in b.hashes), min((b.hashes[0] ^ h).bit_count() for h in a.hashes))
+    one_way = min((a.hashes[0] ^ h).bit_count() for h in b.hashes)
+    return min(one_way, min((b.hashes[0] ^ h).bit_count() for h in a.hashes))
 
 
 def colour_distance(a: bytes, b: bytes) -> float | None:

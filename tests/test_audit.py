@@ -83,7 +83,7 @@ def test_audit_on_the_standin_writes_json_and_html_and_shows_the_copy_across_cla
     assert code == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"audit of {root / 'dataset'}: ") and "likely label errors" in line
-    assert "1 sets of copies across classes" in line and str(out / "audit.html") in line
+    assert "1 set(s) of copies across classes" in line and str(out / "audit.html") in line
     report = json.loads((out / "audit.json").read_text())
     assert report["images"] == 121 and report["folds"] == 5 and report["judged"] == 121
     issues = report["label_issues"]
