@@ -64,12 +64,13 @@ def _dct_matrix() -> np.ndarray:
     return matrix
 
 
-def _bits_of(square: np.ndarray) -> int:
-    """The 63-bit hash of a _SIDE x _SIDE luminance array."""
-    dct = _dct_matrix()
-    low = (dct @ square @ dct.T)[:_LOW, :_LOW].ravel()[1:]
-    bits = np.packbits(np.append(low > np.sort(low)[len(low) // 2], False))  # 63 bits and a 0, as 8 bytes
-    return int.from_bytes(bits.tobytes(), "big")
+def _hashes_of(squares: np.ndarray) -> tuple[int, ...]:
+    """The 63-bit hash of each _SIDE x _SIDE luminance array in ``squares`` [n, _SIDE, _SIDE]."""
+    low_rows = _dct_matrix()[:_LOW]  # only the lowest frequencies are needed
+    low = (low_rows @ squares @ low_rows.T).reshape(len(squares), _LOW * _LOW)[:, 1:]
+    median = np.sort(low, axis=1)[:, low.shape[1] // 2 : low.shape[1] // 2 + 1]
+    bits = np.packbits(np.pad(low > median, ((0, 0), (0, 1))), axis=1)  # 63 bits and a 0: 8 bytes a row
+    return tuple(int.from_bytes(row.tobytes(), "big") for row in bits)
 
 
 class Signature(NamedTuple):
@@ -104,7 +105,7 @@ def signature(image: PILImage.Image) -> Signature | None:
         chroma = np.asarray(small.resize((4, 4), Image.Resampling.BOX).convert("YCbCr"))[:, :, 1:]
     else:
         chroma = np.full((4, 4, 2), 128, np.uint8)
-    return Signature(tuple(_bits_of(square) for square in squares), chroma.astype(np.uint8).tobytes())
+    return Signature(_hashes_of(np.stack(squares)), chroma.astype(np.uint8).tobytes())
 
 
 def distance(a: Signature, b: Signature) -> int:
