@@ -22,6 +22,7 @@ from typing import Any, Callable
 from finetune import __version__
 from finetune.config import (
     TRAIN_OPTION_GROUPS,
+    AuditConfig,
     BuildDatasetConfig,
     DownloadConfig,
     EvaluateConfig,
@@ -106,6 +107,12 @@ def _format_build_result(result: Any) -> str:
         f"converted to JPEG: {result.converted:,}; identical files: {result.duplicate_files:,} in "
         f"{result.duplicate_groups:,} sets (each set kept in one split); skipped: {result.skipped:,}"
     )
+    if result.near_duplicate_groups:
+        lines.append(f"near-duplicates: {result.near_duplicate_files:,} images in {result.near_duplicate_groups:,} "
+                     "sets (each set kept in one split; listed in dataset.json)")  # fmt: skip
+    if result.promoted:
+        lines.append(f"promoted: {result.promoted:,} images moved off their hash split so that every class has "
+                     "an image in every split (listed in dataset.json)")  # fmt: skip
     lines.append(f"fingerprint: {result.fingerprint[:16]}")
     return "\n".join(lines)
 
@@ -306,6 +313,14 @@ def _run_quickstart(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_audit(config: AuditConfig, args: argparse.Namespace) -> int:
+    from finetune import audit
+
+    result = audit.audit(config)
+    print(to_json(result) if args.json else audit.summary_line(result))
+    return 0
+
+
 # Subcommands, in the order data flows. Each issue that adds a stage adds its row.
 COMMANDS: list[Command] = [
     Command("quickstart", "every stage on generated photos, from nothing to a working model",
@@ -313,6 +328,8 @@ COMMANDS: list[Command] = [
     Command("download", "fetch and verify the pretrained checkpoint", DownloadConfig, _run_download, True),
     Command("build-dataset", "turn a folder of class subfolders into sharded TFRecords with a held-out split",
             BuildDatasetConfig, _run_build_dataset, json_output=True),  # fmt: skip
+    Command("audit", "find likely label errors and near-duplicates across classes in a built dataset",
+            AuditConfig, _run_audit, json_output=True),  # fmt: skip
     Command("preview", "draw training examples after train preprocessing beside their originals",
             PreviewConfig, _run_preview, json_output=True),  # fmt: skip
     Command("train", "fine-tune the chosen layers on a built dataset", TrainConfig, _run_train, json_output=True,

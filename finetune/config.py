@@ -93,6 +93,10 @@ class BuildDatasetConfig:
         None, help="processes decoding and checking images (default: all cores)", metavar="N"
     )
     overwrite: bool = option(False, help="replace a dataset already at --out")
+    # on: resized, re-encoded, slightly cropped, PNG or grey copies of a photo share its split (finetune/phash.py)
+    near_duplicates: str = option(
+        "on", help="keep near-duplicate images (perceptual hash) in one split", choices=("on", "off")
+    )
 
     def __post_init__(self) -> None:
         fractions = {"--validation-fraction": self.validation_fraction, "--test-fraction": self.test_fraction}
@@ -431,3 +435,30 @@ class ExplainConfig:
     out: str = option("explanations", help="folder for the overlays, one <image>.gradcam.jpg each", metavar="DIR")
     class_name: str | None = option(None, help="explain this class instead of the predicted one", flag="--class",
                                     metavar="NAME")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """`finetune audit`: likely label errors and near-duplicates across classes in a built dataset."""
+
+    dataset: str = option(help="dataset folder written by build-dataset", positional=True, metavar="DATASET")
+    checkpoint: str = option(
+        "checkpoints/inception_v3.ckpt",
+        help="the backbone whose features judge the images: the pretrained checkpoint or a train dir",
+    )
+    # None: DATASET-audit beside the dataset (the dataset folder itself belongs to build-dataset).
+    out: str | None = option(None, help="folder for audit.json and audit.html (default: DATASET-audit)", metavar="DIR")
+    # 5 folds: each head trains on 80% of the images, and every image is judged once by a head that never saw it.
+    folds: int = option(5, help="heads trained, each judging the images the others train on", metavar="K")
+    top: int = option(50, help="likely label errors shown in audit.html (all are in audit.json)", metavar="N")
+    image_size: int = option(network.DEFAULT_IMAGE_SIZE, help=f"network input size, {_SIZE_RANGE}", metavar="PIXELS")
+    cache_dir: str | None = option(None, help="feature cache folder (default: $XDG_CACHE_HOME/finetune/features)")
+    seed: int = option(0, help="seed of the folds and the heads")
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            _fail("--folds", self.folds, "must be at least 2")
+        if self.top < 0:
+            _fail("--top", self.top, "must be zero or more")
+        if not network.MIN_IMAGE_SIZE <= self.image_size <= network.MAX_IMAGE_SIZE:
+            _fail("--image-size", self.image_size, f"must be {_SIZE_RANGE}")

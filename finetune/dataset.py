@@ -5,12 +5,15 @@ the images into train / validation / test, and writes ``<split>-00000-of-000NN.t
 ``labels.txt`` and ``dataset.json`` into a hidden folder beside ``--out`` that is renamed into place only when
 everything is written.
 
-The split of an image is a function of its bytes and ``--seed`` alone: the SHA-256 of the content, hashed
-again with the seed, gives a position in [0, 1); positions below the validation fraction go to validation,
-the next ``test_fraction`` to test, the rest to train. Each class is split on its own (stratified), adding
-or removing other images never moves an image to another split, and identical files always land together,
-so no picture leaks from train into validation. The price of that stability: a class gets its fraction of
-each split in expectation, not exactly (a class of 100 images at 10% typically gets 7 to 13 for validation).
+The split of an image is a function of its bytes and ``--seed``: the SHA-256 of the content, hashed again
+with the seed, gives a position in [0, 1); positions below the validation fraction go to validation, the next
+``test_fraction`` to test, the rest to train. Each class is split on its own (stratified). Images that must
+stay together share one position, their lowest: identical files, and (``--near-duplicates on``, the default)
+near-duplicates found by perceptual hash (finetune/phash.py), so no picture leaks from train into validation
+as a resized or re-encoded copy. A class gets its fraction in expectation, not exactly; a class with no
+position in a split it needs gets its nearest image *promoted* into it (``split_units`` says which, and
+exactly which images can move when a folder grows: only promoted ones). dataset.json lists the promoted
+images and the near-duplicate sets.
 
 Records carry slim's keys (``image/encoded``, ``image/format`` = ``b"jpg"``, ``image/class/label``,
 ``image/height``, ``image/width``) plus ``image/filename``, the path relative to IMAGE_DIR, so slim-based
@@ -60,7 +63,8 @@ SPLITS = ("train", "validation", "test")
 DATASET_JSON = "dataset.json"
 LABELS_TXT = "labels.txt"
 FORMAT = "finetune-dataset"
-FORMAT_VERSION = 1
+# 2: near-duplicate groups (near_duplicates) and the split's promoted images (split); 1 is still read.
+FORMAT_VERSION = 2
 # TensorFlow's input-pipeline guide: shards of 100 MB or more read at full speed; fewer, larger files also
 # keep a small dataset in one file per split.
 SHARD_TARGET_BYTES = 100 * 2**20
@@ -123,6 +127,9 @@ class BuildResult:
     converted: int  # images re-encoded as RGB JPEG
     duplicate_groups: int  # sets of byte-identical images
     duplicate_files: int  # images in those sets
+    near_duplicate_groups: int  # sets of near-duplicates (resized, re-encoded, cropped copies): one split each
+    near_duplicate_files: int  # images in those sets
+    promoted: int  # images moved off their hash split so that every class has an image in every split
     skipped: int  # files left out; dataset.json lists them with reasons
     fingerprint: str
     seconds: float
@@ -225,6 +232,7 @@ class _Image:
     conversions: tuple[str, ...]  # why it was re-encoded: "format", "colour", "orientation", "max_side"
     data: bytes | None = None  # the re-encoded JPEG from the worker; None when the file's bytes are stored
     staged_at: int | None = None  # offset of the re-encoded JPEG in the build's staging file
+    phash: Any = None  # phash.Signature: perceptual hashes and colour; None when not computed
 
 
 @dataclass(frozen=True)
@@ -267,8 +275,26 @@ def _pixel_limit() -> int:
     return int(Image.MAX_IMAGE_PIXELS or 0)
 
 
-def _check_file(root: str, max_side: int | None, item: tuple[str, int]) -> _Image | _Skip:
-    """Reads, identifies by content, fully decodes and if needed converts one file. Runs in a worker."""
+def _perceptual_hashes(image: PILImage.Image, orientation: int) -> Any:
+    """The image's phash.Signature, upright; None when the picture is flat or cannot be hashed."""
+    from PIL import ImageOps
+
+    from finetune import phash
+
+    try:
+        upright = ImageOps.exif_transpose(image) if orientation != 1 else image
+        return phash.signature(upright if upright.mode in ("L", "RGB") else _to_rgb(upright))
+    except Exception:  # an odd mode or palette: the image is still usable, only not compared
+        return None
+
+
+def _check_file(
+    root: str, max_side: int | None, item: tuple[str, int], near_duplicates: bool = False
+) -> _Image | _Skip:
+    """Reads, identifies by content, fully decodes and if needed converts one file. Runs in a worker.
+
+    With ``near_duplicates`` it also computes the image's perceptual hashes, on the picture already decoded.
+    """
     from PIL import Image, ImageOps
 
     path, label = item
@@ -298,6 +324,7 @@ def _check_file(root: str, max_side: int | None, item: tuple[str, int]) -> _Imag
                 return _Skip(path, f"truncated or corrupt {image.format or 'image'}: {exc}")
             source_format = image.format or "unknown"
             orientation = _orientation(image)
+            hashes = _perceptual_hashes(image, orientation) if near_duplicates else None
             too_big = max_side is not None and max(width, height) > max_side
             conversions = tuple(
                 reason
@@ -311,7 +338,7 @@ def _check_file(root: str, max_side: int | None, item: tuple[str, int]) -> _Imag
             )
             if not conversions:  # a clean 3-channel JPEG: its own bytes, no re-encode
                 size = (width, height, width, height)
-                return _Image(path, label, sha256, sha256, len(data), *size, source_format, ())
+                return _Image(path, label, sha256, sha256, len(data), *size, source_format, (), phash=hashes)
             try:
                 upright = ImageOps.exif_transpose(image) if orientation != 1 else image
                 original_width, original_height = upright.size
@@ -325,7 +352,7 @@ def _check_file(root: str, max_side: int | None, item: tuple[str, int]) -> _Imag
     stored = buffer.getvalue()
     return _Image(
         path, label, sha256, hashlib.sha256(stored).hexdigest(), len(stored), rgb.width, rgb.height,
-        original_width, original_height, source_format, conversions, stored,
+        original_width, original_height, source_format, conversions, stored, phash=hashes,
     )  # fmt: skip
 
 
@@ -376,50 +403,197 @@ def _names(classes: Iterable[str]) -> str:
     return f"class {names[0]}" if len(names) == 1 else f"classes {', '.join(names)}"
 
 
-def _just_above(value: float) -> float:
-    """The smallest three-decimal fraction strictly above ``value``."""
-    return math.floor(value * 1000) / 1000 + 0.001
+@dataclass(frozen=True)
+class _Units:
+    """The images that must share a split: identical files and near-duplicates, each set one unit."""
+
+    members: list[list[_Image]]  # unit -> its images, sorted by path
+    near_groups: list[dict]  # dataset.json's near_duplicates.groups: paths and the close pairs found
 
 
-def _refuse_empty_splits(
-    classes: tuple[str, ...], positions: list[list[float]], config: BuildDatasetConfig
+def _units(images: list[_Image], near_duplicates: bool) -> _Units:
+    """Joins identical files, and (with ``near_duplicates``) images within phash.NEAR_DUPLICATE_DISTANCE."""
+    from finetune import phash
+
+    parent = list(range(len(images)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(i: int, j: int) -> None:
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    first_of: dict[str, int] = {}
+    for index, image in enumerate(images):
+        join(index, first_of.setdefault(image.sha256, index))
+    close: list[tuple[int, int, int]] = []
+    if near_duplicates:
+        # One hash per content: identical files are already joined and would only pair at distance 0.
+        hashed = [index for content, index in sorted(first_of.items()) if images[index].phash is not None]
+        for a, b, distance in phash.close_pairs([images[index].phash for index in hashed]):
+            close.append((hashed[a], hashed[b], distance))
+            join(hashed[a], hashed[b])
+    by_root: dict[int, list[int]] = defaultdict(list)
+    for index in range(len(images)):
+        by_root[root(index)].append(index)
+    members = [sorted((images[i] for i in group), key=lambda image: image.path) for group in by_root.values()]
+    pairs_of: dict[int, list[list]] = defaultdict(list)
+    for a, b, distance in close:
+        first, second = sorted((images[a].path, images[b].path))
+        pairs_of[root(a)].append([first, second, distance])
+    near_groups = [
+        {"paths": sorted(images[i].path for i in by_root[key]), "pairs": sorted(pairs)}
+        for key, pairs in pairs_of.items()
+    ]
+    return _Units(members=members, near_groups=sorted(near_groups, key=lambda group: group["paths"]))
+
+
+def _required_splits(config: BuildDatasetConfig) -> tuple[str, ...]:
+    """The splits every class must have an image in, in the order they are filled."""
+    held = (("validation", config.validation_fraction), ("test", config.test_fraction))
+    return tuple(split for split, fraction in held if fraction > 0) + ("train",)
+
+
+def _refuse_small_classes(
+    classes: tuple[str, ...], unit_counts: list[int], image_counts: list[int], config: BuildDatasetConfig
 ) -> None:
-    """Refuses a split that some class would have no image in, naming the fraction that would fix it.
+    """Refuses a class with fewer images (sets of copies counted once) than there are splits to fill."""
+    required = _required_splits(config)
+    small = [label for label, units in enumerate(unit_counts) if units < len(required)]
+    if not small:
+        return
+    details = []
+    for label in small:
+        images, units = image_counts[label], unit_counts[label]
+        copies = f" ({units} once copies are counted once: identical or near-duplicate images share a split)"
+        details.append(f"{classes[label]!r} has {images} image{'s' if images != 1 else ''}"
+                       + (copies if units != images else ""))  # fmt: skip
+    flags = " and ".join(f"--{split}-fraction 0" for split in required[:-1] if split != "train")
+    raise EmptySplitError(
+        f"{'; '.join(details)}: each class needs at least {len(required)} to have an image in each of "
+        f"{', '.join(('train',) + required[:-1])}; add images to {'it' if len(small) == 1 else 'them'}, "
+        f"or pass {flags} "
+        f"to build without {'that split' if len(required) == 2 else 'those splits'}"
+    )
+
+
+def _assign_splits(
+    classes: tuple[str, ...], by_class: list[list[_Image]], config: BuildDatasetConfig
+) -> tuple[dict[str, list[_Image]], _Units, list[dict]]:
+    """Each image's split (see :func:`split_units`); each split ordered by position, which mixes the classes.
+
+    Returns the splits, the units, and the promoted images as dataset.json lists them.
+    """
+    images = [image for group in by_class for image in group]
+    units = _units(images, config.near_duplicates == "on")
+    positions = [min(_position(image.sha256, config.seed) for image in unit) for unit in units.members]
+    labels = [sorted({image.label for image in unit}) for unit in units.members]
+    split_of, promotions = split_units(positions, labels, len(classes), config, classes,
+                                       [len(group) for group in by_class])  # fmt: skip
+    assigned: dict[str, list[tuple[float, str, _Image]]] = defaultdict(list)
+    promoted = []
+    for unit, (members, position) in enumerate(zip(units.members, positions)):
+        for image in members:
+            assigned[split_of[unit]].append((position, image.path, image))
+        if unit in promotions:
+            before, label = promotions[unit]
+            promoted += [{"path": image.path, "class": classes[label], "from": before, "to": split_of[unit]}
+                         for image in members]  # fmt: skip
+    ordered = {split: [image for *_, image in sorted(assigned[split])] for split in SPLITS if assigned[split]}
+    return ordered, units, sorted(promoted, key=lambda row: row["path"])
+
+
+def split_units(
+    positions: list[float],
+    labels: list[list[int]],
+    num_classes: int,
+    config: BuildDatasetConfig,
+    classes: tuple[str, ...] | None = None,
+    image_counts: list[int] | None = None,
+) -> tuple[list[str], dict[int, tuple[str, int]]]:
+    """The split of each unit (a set of images that must stay together), from its position and the minimums.
+
+    Every unit first takes the split its position gives (``_split_of``): the hash split, which adding or
+    removing other images never changes. Then each class, in label order, that has no unit in a split it
+    needs (validation when its fraction is above 0, test likewise, train always), in that order, is given one
+    by *promoting* a single unit of its own:
+
+    - into validation or test: its train unit of lowest position (the one nearest the held-out range), or,
+      when train cannot spare one, the nearest unit of the other held-out split;
+    - into train: its held-out unit of highest position.
+
+    A unit is taken only from a split in which its class keeps another unit, and a unit shared with other
+    classes (the same picture under two labels) only if those classes keep one too. So a class with at least
+    as many units as splits always gets one unit in each.
+
+    Which images can move when a folder grows: new images only ever add to a split's natural members, so
+    a split a class lacks afterwards it lacked before. An image already in the dataset therefore changes
+    split only if it was promoted before the images were added or is promoted after (dataset.json lists both
+    under ``split.promoted``); at most one unit per class and split is promoted. (A new image that is a
+    near-duplicate of old ones joins their unit, whose position is its lowest member's: that can move the
+    unit, as it should, since copies must share a split.)
+
+    Args:
+        positions: each unit's position in [0, 1).
+        labels: each unit's class ids (usually one).
+        num_classes: how many classes.
+        config: the fractions.
+        classes, image_counts: class names and images per class, for the error message.
+
+    Returns:
+        Each unit's split, and for each promoted unit its split before promotion and the class it was
+        promoted for.
 
     Raises:
-        EmptySplitError: a DataError of its own, so that a caller that owns the images (quickstart) can
-            try another split seed.
+        EmptySplitError: a class has fewer units than splits to fill.
     """
-    held_out = config.validation_fraction + config.test_fraction
-    no_train = {classes[c]: max(p) for c, p in enumerate(positions) if max(p) < held_out}
-    if no_train:
-        limit = math.floor(min(no_train.values()) * 1000) / 1000
-        flags = "--validation-fraction" + (" plus --test-fraction" if config.test_fraction else "")
-        raise EmptySplitError(
-            f"{_names(no_train)} would have no train image: all its images fall in the held-out split; add "
-            f"images to it, or make {flags} at most {limit:.3f} (now {held_out:g})"
-        )
-    if config.validation_fraction > 0:
-        no_validation = {
-            classes[c]: min(p) for c, p in enumerate(positions) if min(p) >= config.validation_fraction
-        }
-        if no_validation:
-            needed = _just_above(max(no_validation.values()))
-            raise EmptySplitError(
-                f"{_names(no_validation)} would have no validation image at --validation-fraction "
-                f"{config.validation_fraction:g}; add images to it, or use --validation-fraction "
-                f"{needed:.3f} or more (or 0 for no validation split)"
-            )
-    if config.test_fraction > 0:
-        v = config.validation_fraction
-        gaps = {classes[c]: min(x - v for x in p if x >= v) for c, p in enumerate(positions)}
-        no_test = {name: gap for name, gap in gaps.items() if gap >= config.test_fraction}
-        if no_test:
-            needed = _just_above(max(no_test.values()))
-            raise EmptySplitError(
-                f"{_names(no_test)} would have no test image at --test-fraction {config.test_fraction:g}; "
-                f"add images to it, or use --test-fraction {needed:.3f} or more"
-            )
+    required = _required_splits(config)
+    split_of = [_split_of(p, config.validation_fraction, config.test_fraction) for p in positions]
+    of_class: list[list[int]] = [[] for _ in range(num_classes)]
+    for unit, unit_labels in enumerate(labels):
+        for label in unit_labels:
+            of_class[label].append(unit)
+    classes = classes or tuple(str(label) for label in range(num_classes))
+    counts = image_counts or [len(units) for units in of_class]
+    _refuse_small_classes(classes, [len(units) for units in of_class], counts, config)
+    # How many units each class has in each split, kept current as units move.
+    held: list[Counter] = [Counter(split_of[unit] for unit in units) for units in of_class]
+    promotions: dict[int, tuple[str, int]] = {}
+
+    def can_spare(unit: int) -> bool:
+        return all(held[label][split_of[unit]] > 1 for label in labels[unit])
+
+    for label in range(num_classes):
+        for split in required:
+            if held[label][split]:
+                continue
+            units = sorted(of_class[label], key=lambda unit: (positions[unit], unit))
+            if split == "train":
+                candidates = units[::-1]
+            else:
+                other = [unit for unit in units if split_of[unit] not in ("train", split)]
+                if split == "validation":  # the test units nearest validation's range come first
+                    candidates = [unit for unit in units if split_of[unit] == "train"] + other
+                else:  # test lies above validation: the highest validation units are the nearest
+                    candidates = [unit for unit in units if split_of[unit] == "train"] + other[::-1]
+            chosen = next((unit for unit in candidates if split_of[unit] != split and can_spare(unit)), None)
+            if chosen is None:
+                raise EmptySplitError(
+                    f"class {classes[label]!r} cannot be given a {split} image: each of its images is the only "
+                    f"one of its class in its split, or shared with another class (see near_duplicates); add "
+                    f"images to it"
+                )
+            for member_label in labels[chosen]:
+                held[member_label][split_of[chosen]] -= 1
+                held[member_label][split] += 1
+            promotions.setdefault(chosen, (split_of[chosen], label))
+            split_of[chosen] = split
+    return split_of, promotions
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -554,14 +728,14 @@ def build_dataset(config: BuildDatasetConfig) -> BuildResult:
     with _partial_folder(out) as partial:
         staging_path = partial / "staging.bin"
         with open(staging_path, "w+b") as staging:
-            images, skips = _check_images(image_dir, scan, config.max_side, workers, staging)
+            images, skips = _check_images(image_dir, scan, config, workers, staging)
             skipped = [_Skip(path, reason) for path, reason in scan.skipped] + skips
             skipped.sort(key=lambda skip: skip.path)
             by_class = _group_by_class(scan.classes, images, skipped, image_dir)
-            ordered = _assign_splits(scan.classes, by_class, config)
+            ordered, units, promoted = _assign_splits(scan.classes, by_class, config)
             shards = _write_shards(partial, ordered, config.shards, image_dir, staging)
         staging_path.unlink()
-        metadata = _metadata(config, image_dir, scan.classes, ordered, shards, skipped, images)
+        metadata = _metadata(config, image_dir, scan.classes, ordered, shards, skipped, images, units, promoted)
         labels = "".join(f"{label}:{name}\n" for label, name in enumerate(scan.classes))
         (partial / LABELS_TXT).write_text(labels, encoding="utf-8")
         (partial / DATASET_JSON).write_text(json.dumps(metadata, indent=1) + "\n")  # last: marks it complete
@@ -580,6 +754,13 @@ def build_dataset(config: BuildDatasetConfig) -> BuildResult:
             f"{len(spanning)} sets of identical images span more than one class folder (mislabelled?); "
             f"they are listed under \"duplicates\" in {out / DATASET_JSON}"
         )
+    near = metadata["near_duplicates"]["groups"]
+    near_spanning = [group for group in near if len({path.split("/")[0] for path in group["paths"]}) > 1]
+    if near_spanning:
+        log.warning(
+            f"{len(near_spanning)} sets of near-duplicate images span more than one class folder (mislabelled?); "
+            f"they are listed under \"near_duplicates\" in {out / DATASET_JSON}, and `finetune audit` shows them"
+        )
     seconds = time.monotonic() - started
     return BuildResult(
         out=out,
@@ -591,6 +772,9 @@ def build_dataset(config: BuildDatasetConfig) -> BuildResult:
         converted=metadata["images"]["converted"],
         duplicate_groups=len(metadata["duplicates"]["groups"]),
         duplicate_files=metadata["duplicates"]["files"],
+        near_duplicate_groups=len(near),
+        near_duplicate_files=sum(len(group["paths"]) for group in near),
+        promoted=len(promoted),
         skipped=len(skipped),
         fingerprint=metadata["fingerprint"],
         seconds=round(seconds, 3),
@@ -599,12 +783,13 @@ def build_dataset(config: BuildDatasetConfig) -> BuildResult:
 
 
 def _check_images(
-    image_dir: Path, scan: _Scan, max_side: int | None, workers: int, staging: BinaryIO
+    image_dir: Path, scan: _Scan, config: BuildDatasetConfig, workers: int, staging: BinaryIO
 ) -> tuple[list[_Image], list[_Skip]]:
     """Checks every file in worker processes; re-encoded images go to ``staging`` as they arrive."""
     images: list[_Image] = []
     skips: list[_Skip] = []
-    check = functools.partial(_check_file, str(image_dir), max_side)
+    near_duplicates = config.near_duplicates == "on"
+    check = functools.partial(_check_file, str(image_dir), config.max_side, near_duplicates=near_duplicates)
     # closing(): on an error or Ctrl-C the worker pool stops at once, not when the traceback is freed.
     results = contextlib.closing(_map_unordered(check, scan.files, workers))
     with Progress("Checking images", total=len(scan.files), unit="images") as progress, results as checked:
@@ -619,20 +804,6 @@ def _check_images(
                 images.append(result)
             progress.advance(1)
     return images, skips
-
-
-def _assign_splits(
-    classes: tuple[str, ...], by_class: list[list[_Image]], config: BuildDatasetConfig
-) -> dict[str, list[_Image]]:
-    """Each image's split from its content; each split ordered by position, which mixes the classes."""
-    positions = [[_position(image.sha256, config.seed) for image in group] for group in by_class]
-    _refuse_empty_splits(classes, positions, config)
-    assigned: dict[str, list[tuple[float, str, _Image]]] = defaultdict(list)
-    for group, group_positions in zip(by_class, positions):
-        for image, position in zip(group, group_positions):
-            split = _split_of(position, config.validation_fraction, config.test_fraction)
-            assigned[split].append((position, image.path, image))
-    return {split: [image for *_, image in sorted(assigned[split])] for split in SPLITS if assigned[split]}
 
 
 def _group_by_class(
@@ -693,6 +864,8 @@ def _metadata(
     shards: dict[str, list[str]],
     skipped: list[_Skip],
     images: list[_Image],
+    units: _Units,
+    promoted: list[dict],
 ) -> dict[str, Any]:
     """The contents of dataset.json."""
     class_counts = {split: [0] * len(classes) for split in ordered}
@@ -731,10 +904,31 @@ def _metadata(
             "converted_because": dict(sorted(because.items())),
         },
         "duplicates": {"groups": groups, "files": sum(len(group) for group in groups)},
+        "near_duplicates": _near_duplicates_metadata(config, images, units),
+        "split": {
+            "rule": "hash position; each class at least one image in each split, by promoting its nearest one",
+            "promoted": promoted,
+        },
         "skipped": [{"path": skip.path, "reason": skip.reason} for skip in skipped],
         "source": str(image_dir.resolve()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "finetune_version": __version__,
+    }
+
+
+def _near_duplicates_metadata(config: BuildDatasetConfig, images: list[_Image], units: _Units) -> dict:
+    from finetune import phash
+
+    if config.near_duplicates != "on":
+        return {"checked": False, "groups": [], "files": 0}
+    return {
+        "checked": True,
+        "hash": "DCT 63 bits, with 5 crops; 4x4 chroma grid",
+        "threshold_bits": phash.NEAR_DUPLICATE_DISTANCE,
+        "threshold_colour": phash.COLOUR_DISTANCE,
+        "not_compared": sorted(image.path for image in images if image.phash is None),  # flat or unhashable
+        "groups": units.near_groups,
+        "files": sum(len(group["paths"]) for group in units.near_groups),
     }
 
 

@@ -116,6 +116,10 @@ PATH_FLAGS: dict[str, dict[str, tuple[str, str, str]]] = {  # config -> field ->
                      "saved_model": ("folder", "--saved-model", "pass a name for a new folder")},  # fmt: skip
     "PredictConfig": {"model": ("file", "--model", _MODEL)},
     "QuickstartConfig": {"workdir": ("folder", "--workdir", _NEW_FOLDER)},
+    "ExplainConfig": {"model": ("file", "--model", _MODEL), "train_dir": ("folder", "--train-dir", _RUN),
+                      "out": ("folder", "--out", _NEW_FOLDER)},  # fmt: skip
+    "AuditConfig": {"dataset": ("folder", "DATASET", _DATASET), "out": ("folder", "--out", _NEW_FOLDER),
+                    "cache_dir": ("folder", "--cache-dir", _NEW_FOLDER)},  # fmt: skip
 }
 
 
