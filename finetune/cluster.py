@@ -404,23 +404,35 @@ MUST_AGREE = (
 )  # fmt: skip
 
 
-def start_checks(cluster: Cluster, graph):
-    """Builds the start-up checks into ``graph``; returns the function that runs them once variables are set.
+def check_plan(cluster: Cluster, plan, start_step: int) -> None:
+    """Refuses, on every worker, a plan (MUST_AGREE and the start step) that differs from the chief's.
 
-    The plan (MUST_AGREE and the start step) is compared first, then a digest of every variable, so a
-    worker that restored another checkpoint, or initialised differently, is refused before the first step.
+    Runs in a small graph of its own before the network's is built, so a mistake costs seconds.
+    """
+    from finetune.compat import tf
+    from finetune.runtime import session_config as base_config
+
+    with tf.Graph().as_default() as graph:
+        agreement = Agreement(cluster, list(MUST_AGREE) + ["start_step"])
+    values = {name: getattr(plan, name) for name in MUST_AGREE}
+    values["start_step"] = start_step
+    with tf.compat.v1.Session(cluster.target, graph=graph, config=session_config(base_config(), cluster)) as session:
+        agreement.check(session, values, "plan")
+
+
+def start_checks(cluster: Cluster, graph):
+    """Builds the check of the starting weights into ``graph``; returns the function that runs it.
+
+    A digest of every variable, once they are set: a worker that restored another checkpoint, or
+    initialised differently, is refused before the first step.
     """
     from finetune.compat import tf
 
     with graph.as_default():
-        plan_check = Agreement(cluster, list(MUST_AGREE) + ["start_step"])
         weights_check = Agreement(cluster, ["initial weights"])
         variables = tf.compat.v1.global_variables()
 
     def check(session, plan, start_step: int) -> None:
-        values = {name: getattr(plan, name) for name in MUST_AGREE}
-        values["start_step"] = start_step
-        plan_check.check(session, values, "plan")
         digest = variables_digest(session, variables)
         weights_check.check(session, {"initial weights": digest}, "starting point")
         log.info(f"all {cluster.size} workers agree on the plan and start from the same weights (sha256 {digest[:12]})")

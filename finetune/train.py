@@ -125,17 +125,19 @@ def train(config: TrainConfig) -> TrainResult:
     """Runs (or resumes) a fine-tuning run described by the config; see the module docstring."""
     started = time.monotonic()
     cluster = cluster_mod.from_environment(config.worker_timeout)  # a malformed TF_CONFIG stops here
-    plan = plan_training(config)
-    train_dir = Path(config.train_dir)
-    if cluster:
+    if cluster:  # a port in use, or a worker that never starts, too: before any work
         cluster_mod.start(cluster)
         cluster_mod.wait_for_peers(cluster)
+    plan = plan_training(config)
+    train_dir = Path(config.train_dir)
     if cluster and not cluster.chief:  # the chief alone writes to the train dir
         resume_from = None if config.overwrite else rundir.newest_checkpoint(train_dir)
     else:
         resume_from = rundir.prepare(train_dir, asdict(plan), config.overwrite, must_match=RESUME_MUST_MATCH)
     warnings = _start_warnings(plan, config, resume_from)
     start_step = _global_step(resume_from) if resume_from else 0
+    if cluster:
+        cluster_mod.check_plan(cluster, plan, start_step)
     if start_step >= plan.total_steps:
         log.info(f"{train_dir} is already trained to step {start_step}; raise --steps or --epochs to go on")
         return _result(plan, train_dir, _Outcome(resume_from, "already complete", start_step, start_step),
@@ -260,6 +262,8 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
                     save()
         if outcome.step != last_save_step or outcome.checkpoint is None:
             save()
+        if cluster:  # equal on every worker: the tests compare them
+            log.info(f"final weights sha256 {cluster_mod.variables_digest(session, tf.compat.v1.global_variables())}")
         writer.close()
     outcome.images_per_second = progress.rate if outcome.losses else None
     return outcome

@@ -45,16 +45,19 @@ def _relay(stream, prefix: str, out) -> None:
     stream.close()
 
 
-def start_workers(count: int, command: list[str], cores: bool = False, ports: list[int] | None = None,
-                  env: dict | None = None) -> list[subprocess.Popen]:  # fmt: skip
-    """Starts the workers; each one's output is relayed, prefixed, by threads of this process."""
-    if command and command[0] == "finetune":
-        command = [sys.executable, "-m", "finetune", *command[1:]]
+def start_workers(count: int, command: list[str] | list[list[str]], cores: bool = False,
+                  ports: list[int] | None = None, out=None) -> list[subprocess.Popen]:  # fmt: skip
+    """Starts the workers; each one's output is relayed, prefixed, by threads of this process.
+
+    ``command`` is every worker's, or a list of one per worker; ``out`` (a file) takes both streams.
+    """
+    commands = command if command and isinstance(command[0], list) else [command] * count
+    commands = [[sys.executable, "-m", "finetune", *c[1:]] if c[:1] == ["finetune"] else c for c in commands]
     ports = ports or free_ports(count)
     addresses = [f"127.0.0.1:{port}" for port in ports]
     processes = []
-    for index in range(count):
-        worker_env = dict(env or os.environ, TF_CONFIG=tf_config(addresses, index))
+    for index, command in enumerate(commands):
+        worker_env = dict(os.environ, TF_CONFIG=tf_config(addresses, index))
         worker_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         preexec = None
         if cores and hasattr(os, "sched_setaffinity"):
@@ -62,8 +65,11 @@ def start_workers(count: int, command: list[str], cores: bool = False, ports: li
             preexec = lambda core=core: os.sched_setaffinity(0, {core})  # noqa: E731
         process = subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, preexec_fn=preexec)  # fmt: skip
-        for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
-            threading.Thread(target=_relay, args=(stream, f"[worker {index}]", out), daemon=True).start()
+        process.relays = []
+        for stream, sink in ((process.stdout, out or sys.stdout), (process.stderr, out or sys.stderr)):
+            relay = threading.Thread(target=_relay, args=(stream, f"[worker {index}]", sink), daemon=True)
+            relay.start()
+            process.relays.append(relay)
         processes.append(process)
     return processes
 
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         for process in processes:
             process.terminate()
         codes = [process.wait() for process in processes]
+    for relay in (relay for process in processes for relay in process.relays):
+        relay.join(timeout=5)
     for index, code in enumerate(codes):
         if code:
             print(f"[worker {index}] exited with status {code}", file=sys.stderr)
