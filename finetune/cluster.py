@@ -277,8 +277,9 @@ class Agreement:
                 self._mine * (1.0 if cluster.chief else 0.0), cluster.size, GROUP_KEY, cluster.instance_key(),
                 merge_op="Add", final_op="Id", timeout=cluster.timeout)  # fmt: skip
             self._first = tf.compat.v1.placeholder(tf.float64, [1])
-            self._lowest = collective_ops.all_reduce_v2(self._first, cluster.size, GROUP_KEY, cluster.instance_key(),
-                                                        merge_op="Min", final_op="Id", timeout=cluster.timeout)  # fmt: skip
+            self._lowest = collective_ops.all_reduce_v2(
+                self._first, cluster.size, GROUP_KEY, cluster.instance_key(), merge_op="Min", final_op="Id",
+                timeout=cluster.timeout)  # fmt: skip
 
     @staticmethod
     def digest(value: Any) -> float:
@@ -291,7 +292,8 @@ class Agreement:
         chief = run(self.cluster, session, self._chief, {self._mine: mine})
         different = [i for i, (a, b) in enumerate(zip(mine, chief)) if a != b]
         first = different[0] if different else len(self.names)
-        code = int(run(self.cluster, session, self._lowest, {self._first: [first * self.cluster.size + self.cluster.index]})[0])
+        mine_first = [first * self.cluster.size + self.cluster.index]
+        code = int(run(self.cluster, session, self._lowest, {self._first: mine_first})[0])
         field_index, task = divmod(code, self.cluster.size)
         if field_index < len(self.names):
             name = self.names[field_index]
@@ -329,7 +331,6 @@ def worker_batches(info, plan, cluster: Cluster, start_step: int):
     on resume counted in global records); each worker decodes only its block, so a worker's batch is what
     tower ``index`` of a one-process run at the global batch would get.
     """
-    from finetune.compat import tf
     from finetune.dataset import default_workers, pipeline_options, record_stream, transform_record
 
     per_worker, size = plan.batch_size, cluster.size

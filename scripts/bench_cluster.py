@@ -6,7 +6,8 @@
 Each worker is this script again, started by scripts/local_cluster.py with its TF_CONFIG and pinned to one
 core. It builds exactly the graph ``finetune train`` runs on a worker (finetune.graph.build_training_graph
 with the cluster), steps it, and then times the all-reduce alone: one CollectiveReduceV2 of a tensor the
-size of the packed gradients, the collective each step runs. The chief prints one JSON object:
+size of the packed gradients, the collective each step runs. The chief writes one JSON object, which
+this script prints on stdout (the workers' logs go to stderr):
 
 - ``step_seconds``: median wall time of a training step (the all-reduce and the batch-norm broadcast included);
 - ``all_reduce_seconds``: median wall time of the gradient all-reduce on its own;
@@ -43,7 +44,7 @@ def _worker(args: argparse.Namespace) -> int:
     from finetune.graph import build_training_graph, moving_statistics, session_config, start_fresh
     from finetune.plan import plan_training
 
-    cluster = cluster_mod.start(cluster_mod.from_environment())
+    cluster = cluster_mod.start(cluster_mod.from_environment(timeout=1800.0))  # first steps are slow on one core
     cluster_mod.wait_for_peers(cluster)
     config = TrainConfig(dataset=args.dataset, train_dir=tempfile.mkdtemp(), checkpoint=args.checkpoint,
                          trainable="all", batch_size=args.batch_size, image_size=args.image_size,
@@ -83,7 +84,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 0
     n = cluster.size
     step, reduce = statistics.median(step_times), statistics.median(reduce_times)
-    print(json.dumps({
+    Path(args.out).write_text(json.dumps({
         "workers": n,
         "per_worker_batch": args.batch_size,
         "global_batch": args.batch_size * n,
@@ -101,7 +102,7 @@ def _worker(args: argparse.Namespace) -> int:
         "bytes_sent_per_worker_per_step": int(2 * (n - 1) / n * elements * 4 + (n - 1) / n * statistics_elements * 4),
         "all_reduce_share": round(reduce / step, 4),
         "images_per_second": round(args.batch_size * n / step, 2),
-    }, indent=2))  # fmt: skip
+    }, indent=2) + "\n")  # fmt: skip
     return 0
 
 
@@ -115,6 +116,7 @@ def main() -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return _worker(args)
@@ -135,13 +137,17 @@ def main() -> int:
     spec.loader.exec_module(local_cluster)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--dataset", str(dataset),
                "--checkpoint", str(checkpoint), "--batch-size", str(args.batch_size),
-               "--image-size", str(args.image_size), "--steps", str(args.steps)]  # fmt: skip
+               "--image-size", str(args.image_size), "--steps", str(args.steps),
+               "--out", str(work / "result.json")]  # fmt: skip
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    processes = local_cluster.start_workers(args.workers, command, cores=True)
+    processes = local_cluster.start_workers(args.workers, command, cores=True, out=sys.stderr)
     codes = [process.wait() for process in processes]
     for relay in (relay for process in processes for relay in process.relays):
         relay.join(timeout=5)
-    return codes[0] or max(codes)
+    if any(codes):
+        return 1
+    print((work / "result.json").read_text(), end="")
+    return 0
 
 
 if __name__ == "__main__":
