@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from finetune import cluster as cluster_mod
 from finetune import model, rundir, schedule
 from finetune.graph import TrainingGraph, session_config, stateful_random_ops, tower_loss, zero_head_ops
 from finetune.plan import Plan, schedule_of
@@ -41,8 +42,12 @@ class FeatureTables:
     report: dict
 
 
-def cached_features(plan: Plan) -> FeatureTables:
-    """Fills the feature cache for this run (computing only what is missing) and reads its tables."""
+def cached_features(plan: Plan, cluster=None) -> FeatureTables | None:
+    """Fills the feature cache for this run (computing only what is missing) and reads its tables.
+
+    With a ``cluster`` (finetune/cluster.py) each worker computes its share of the missing entries; the
+    chief then waits for the others' and reads the tables, the others return None.
+    """
     from finetune import features
     from finetune.dataset import load_dataset
 
@@ -54,12 +59,21 @@ def cached_features(plan: Plan) -> FeatureTables:
     splits = ["train"] + (["validation"] if plan.eval_every else [])
     examples = {split: features.scan_split(info, split) for split in splits}
     jobs = [("train", view) for view in views] + [(split, None) for split in splits[1:]]
-    report = features.extract(cache, info, checkpoint, plan.image_size, examples, jobs, plan.seed,
+    share = cluster_mod.ShareOfCache(cache, cluster) if cluster else cache
+    report = features.extract(share, info, checkpoint, plan.image_size, examples, jobs, plan.seed,
                               plan.devices[0], session_config(plan), plan.compute_dtype)  # fmt: skip
     log.info(
         f"feature cache: {report.computed} computed, {report.reused} reused ({report.directory}"
         + (f"; {report.images_per_second:.1f} images/s)" if report.computed else ")")
     )
+
+    if cluster:
+        if not cluster.chief:
+            return None
+        keys = [features.entry_key(e.image_sha256, view, plan.seed) for split, view in jobs for e in examples[split]]
+        backbone = features.backbone_digest(checkpoint.path)
+        cache = cluster_mod.wait_for_cache(cluster, lambda: features.FeatureCache(
+            Path(plan.cache_dir), backbone, plan.image_size, plan.compute_dtype), keys)  # fmt: skip
 
     def table(split: str, view: int | None) -> np.ndarray:
         return cache.get([features.entry_key(e.image_sha256, view, plan.seed) for e in examples[split]])

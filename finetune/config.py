@@ -260,9 +260,14 @@ class TrainConfig:
         None, help="steps between validation passes (default: one epoch; 0 turns them off)"
     )
     overwrite: bool = option(False, help="start over in a train dir that holds another run")
+    # A step's all-reduce waits for the slowest worker, so the bound must exceed the slowest step.
+    worker_timeout: float = option(
+        300.0, help="with TF_CONFIG (several workers): seconds to wait for a silent worker before stopping"
+    )
 
     def __post_init__(self) -> None:
         checks = [  # (holds, flag, value, problem)
+            (self.worker_timeout > 0, "--worker-timeout", self.worker_timeout, "must be positive"),
             (self.batch_size >= 1, "--batch-size", self.batch_size, "must be at least 1"),
             (self.epochs is None or self.epochs > 0, "--epochs", self.epochs, "must be positive"),
             (self.steps is None or self.steps >= 1, "--steps", self.steps, "must be at least 1"),
@@ -310,7 +315,7 @@ TRAIN_OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "weight_decay", "label_smoothing", "dropout_keep", "augment", "class_weights", "seed",
     ),  # fmt: skip
     "feature cache": ("feature_cache", "augment_views", "cache_dir"),
-    "devices and precision": ("device", "precision"),
+    "devices and precision": ("device", "precision", "worker_timeout"),
     "checkpoints and validation": ("save_every", "save_minutes", "keep_checkpoints", "eval_every"),
 }
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from finetune import cluster as cluster_mod
 from finetune import model, precision, schedule
 from finetune.plan import Plan, schedule_of
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
     from finetune.cached import FeatureTables
+    from finetune.cluster import Cluster
 
 AUX_LOSS_WEIGHT = 0.4  # the aux head's share of the loss while it trains (the Inception-v3 paper's choice)
 # The fresh head's classifier layers start at zero, so the first predictions are uniform and the first
@@ -51,11 +53,13 @@ class TrainingGraph:
     initialize: Callable[[tf.compat.v1.Session], None] = lambda session: None  # after the variables: tables, input
 
 
-def build_training_graph(plan: Plan, start_step: int, tables: FeatureTables | None = None) -> TrainingGraph:
+def build_training_graph(plan: Plan, start_step: int, tables: FeatureTables | None = None,
+                         cluster: Cluster | None = None) -> TrainingGraph:  # fmt: skip
     """The graph the plan trains with, its input positioned at ``start_step`` (0 for a new run).
 
     ``tables`` are the cached features (finetune.cached.cached_features) when the plan trains the head on
-    them; otherwise the network's graph is built.
+    them; otherwise the network's graph is built. ``cluster`` (finetune/cluster.py) makes it one worker's
+    graph: its block of each global batch, gradients all-reduced, the chief's batch-norm statistics.
     """
     if plan.feature_cache:
         from finetune.cached import build_cached_graph
@@ -63,7 +67,7 @@ def build_training_graph(plan: Plan, start_step: int, tables: FeatureTables | No
         if tables is None:
             raise ValueError("this plan trains on cached features: pass the tables cached_features returns")
         return build_cached_graph(plan, start_step, tables)
-    return build_network_graph(plan, start_step)
+    return build_network_graph(plan, start_step, cluster)
 
 
 def stateful_random_ops(operations) -> list:
@@ -107,7 +111,7 @@ def tower_loss(net: model.Network, labels, plan: Plan, trained_weights: list):
     return loss
 
 
-def build_network_graph(plan: Plan, start_step: int) -> TrainingGraph:
+def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = None) -> TrainingGraph:
     from finetune.compat import tf
     from finetune.dataset import load_dataset, read_dataset
 
@@ -118,7 +122,7 @@ def build_network_graph(plan: Plan, start_step: int) -> TrainingGraph:
         tf.compat.v1.set_random_seed(plan.seed)
         global_step = tf.compat.v1.train.get_or_create_global_step()
         with tf.device("/cpu:0"):
-            batches = read_dataset(
+            batches = cluster_mod.worker_batches(info, plan, cluster, start_step) if cluster else read_dataset(
                 info, "train", batch_size=plan.batch_size, image_size=plan.image_size, training=True,
                 augment=plan.augment, shuffle=True, repeat=True, seed=plan.seed, drop_remainder=True,
                 skip=start_step * plan.batch_size,
@@ -153,10 +157,14 @@ def build_network_graph(plan: Plan, start_step: int) -> TrainingGraph:
                 if gradients:
                     mean = gradients[0] if towers == 1 else tf.add_n(gradients) / float(len(gradients))
                     averaged.append((mean, pairs[0][1]))
+            if cluster:
+                averaged = cluster_mod.all_reduce_mean(cluster, averaged)
             apply = optimizer.apply_gradients(averaged, global_step=global_step)
         # Moving statistics from the first tower only, as with a single device.
         updates = tf.compat.v1.get_collection(model.BATCH_NORM_UPDATES, scope="tower_0" if towers > 1 else None)
         train_op = tf.group(apply, *updates, name="train_op")
+        if cluster:  # the chief's statistics on every worker, as the first tower's are with towers
+            train_op = cluster_mod.broadcast_from_chief(cluster, moving_statistics(plan), after=train_op)
         all_labels = tf.concat(labels, 0)
         predictions = tf.argmax(tf.concat(tower_logits, 0), axis=1)
         accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, all_labels), tf.float32))
@@ -187,6 +195,12 @@ def build_network_graph(plan: Plan, start_step: int) -> TrainingGraph:
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
         validate=validate, random_ops=random_ops,
     )  # fmt: skip
+
+
+def moving_statistics(plan: Plan) -> list:
+    """The batch-norm moving means and variances of the layers being trained (the ones a step updates)."""
+    return [v for v in model.model_variables()
+            if "/moving_" in v.op.name and model.in_scopes(v.op.name, plan.trainable_scopes)]  # fmt: skip
 
 
 def start_fresh(session, built: TrainingGraph, checkpoint: model.Checkpoint | None) -> None:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import __version__, model, precision, schedule
+from finetune import __version__, cluster, model, precision, schedule
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
 from finetune.features import default_cache_dir
@@ -69,6 +69,7 @@ class Plan:
     derived: tuple[str, ...] = ()  # which settings were derived from the data, and from what
     lr_search_result: dict | None = None  # what the search tried and chose (finetune/lr_search.py)
     finetune_version: str = __version__
+    workers: int = 1  # processes training together (TF_CONFIG, finetune/cluster.py); batch_size is per worker
 
 
 def _feature_cache_decision(
@@ -221,8 +222,11 @@ def plan_training(config: TrainConfig) -> Plan:
     depth = _depth_preset(trainable)
     augment = config.augment if config.augment is not None else (depth != "logits" or config.augment_views > 0)
     use_cache, cache_reason = _feature_cache_decision(config, trainable, tuple(exclude), checkpoint_path is not None, augment)
+    # Several workers (TF_CONFIG) each take batch_size per step: steps come from the global batch. The
+    # cached head trains on the chief alone.
+    workers = 1 if use_cache else cluster.worker_count()
     run = schedule.derive(
-        train_count, config.batch_size, "cached" if use_cache else "network", epochs=config.epochs,
+        train_count, config.batch_size * workers, "cached" if use_cache else "network", epochs=config.epochs,
         steps=config.steps, warmup_epochs=config.warmup_epochs, shape=config.schedule,
         decay_rate=config.decay_rate, decay_epochs=config.decay_epochs,
     )  # fmt: skip
@@ -271,4 +275,5 @@ def plan_training(config: TrainConfig) -> Plan:
         keep_checkpoints=config.keep_checkpoints,
         eval_every=eval_every if info.split_counts.get("validation") else 0,
         derived=tuple(derived),
+        workers=workers,
     )

@@ -14,11 +14,12 @@ import math
 import resource
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from finetune import cluster as cluster_mod
 from finetune import model, rundir
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
@@ -98,7 +99,8 @@ def _log_summary(plan: Plan, trainable_parameters: int, resume_from: str | None,
         excluded = ", ".join(plan.exclude_scopes) or "nothing"
         log.info(f"starting from {plan.checkpoint}; not restored (initialised fresh): {excluded}")
     log.info(
-        f"steps: {plan.steps_per_epoch} per epoch at batch {plan.batch_size}, {plan.total_steps} in all; "
+        f"steps: {plan.steps_per_epoch} per epoch at batch {plan.batch_size}"
+        + (f" per worker x {plan.workers} workers" if plan.workers > 1 else "") + f", {plan.total_steps} in all; "
         f"{plan.optimizer} at learning rate {plan.learning_rate:g}"
     )
     log.info(f"schedule: {plan.schedule}, warm-up {plan.warmup_steps} steps; learning-rate search {plan.lr_search}")
@@ -122,20 +124,33 @@ def _scalar_summary(writer, step: int, values: dict) -> None:
 def train(config: TrainConfig) -> TrainResult:
     """Runs (or resumes) a fine-tuning run described by the config; see the module docstring."""
     started = time.monotonic()
+    cluster = cluster_mod.from_environment(config.worker_timeout)  # a malformed TF_CONFIG stops here
+    if cluster:  # a port in use, or a worker that never starts, too: before any work
+        cluster_mod.start(cluster)
+        cluster_mod.wait_for_peers(cluster)
     plan = plan_training(config)
     train_dir = Path(config.train_dir)
-    resume_from = rundir.prepare(train_dir, asdict(plan), config.overwrite, must_match=RESUME_MUST_MATCH)
+    if cluster and not cluster.chief:  # the chief alone writes to the train dir
+        resume_from = None if config.overwrite else rundir.newest_checkpoint(train_dir)
+    else:
+        resume_from = rundir.prepare(train_dir, asdict(plan), config.overwrite, must_match=RESUME_MUST_MATCH)
     warnings = _start_warnings(plan, config, resume_from)
     start_step = _global_step(resume_from) if resume_from else 0
+    if cluster:
+        cluster_mod.check_plan(cluster, plan, start_step)
     if start_step >= plan.total_steps:
         log.info(f"{train_dir} is already trained to step {start_step}; raise --steps or --epochs to go on")
         return _result(plan, train_dir, _Outcome(resume_from, "already complete", start_step, start_step),
                        started, warnings)  # fmt: skip
 
-    tables = cached_features(plan) if plan.feature_cache else None
+    tables = cached_features(plan, cluster) if plan.feature_cache else None
+    if plan.feature_cache and cluster and not cluster.chief:  # its share is in the cache; the chief trains
+        return _result(plan, train_dir, _Outcome(None, "feature share extracted", 0, 0), started, warnings)
+    # The cached head trains on the chief alone; the network's graph is one worker's of the cluster.
+    graph_cluster = cluster if cluster and not plan.feature_cache else None
     if plan.lr_search == "on":
         plan = with_searched_rate(plan, tables, train_dir if resume_from else None)
-    built = build_training_graph(plan, start_step, tables)
+    built = build_training_graph(plan, start_step, tables, graph_cluster)
     checkpoint = None
     with built.graph.as_default():
         trainable_parameters = model.parameter_count(model.trainable_variables(plan.trainable_scopes))
@@ -143,8 +158,14 @@ def train(config: TrainConfig) -> TrainResult:
             checkpoint = model.open_checkpoint(plan.checkpoint)
             model.check_restorable(built.restore_variables, checkpoint)
     _log_summary(plan, trainable_parameters, resume_from, warnings)
-    rundir.write_run_config(train_dir, asdict(plan))
-    outcome = _run(plan, built, train_dir, start_step, resume_from, checkpoint)
+    if not cluster or cluster.chief:
+        rundir.write_run_config(train_dir, asdict(plan))
+    try:
+        outcome = _run(plan, built, train_dir, start_step, resume_from, checkpoint, graph_cluster)
+    except Exception as problem:  # a collective that timed out or lost its peer: name the worker gone
+        if graph_cluster and cluster_mod.is_gone(problem):
+            raise cluster_mod.gone_error(graph_cluster, cluster_mod.missing_peers(graph_cluster)) from None
+        raise
     result = _result(plan, train_dir, outcome, started, warnings)
     result.feature_cache = tables.report if tables else None
     return result
@@ -184,19 +205,30 @@ class _Outcome:
 
 
 def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, resume_from: str | None,
-         checkpoint: model.Checkpoint | None) -> _Outcome:  # fmt: skip
+         checkpoint: model.Checkpoint | None, cluster: cluster_mod.Cluster | None = None) -> _Outcome:  # fmt: skip
     """The loop: one step at a time, logging, validating and saving, until the plan's last step or a stop."""
     from finetune.compat import tf
     from finetune.progress import Progress
 
     outcome = _Outcome(resume_from, "completed", start_step, start_step)
-    with built.graph.as_default(), tf.compat.v1.Session(config=session_config(plan)) as session:
+    chief = cluster is None or cluster.chief
+    if not chief:
+        plan = replace(plan, eval_every=0)  # the chief validates
+    start_checks = cluster_mod.start_checks(cluster, built.graph) if cluster else None
+    target, config = cluster_mod.session_target(cluster, session_config(plan))
+    with built.graph.as_default(), tf.compat.v1.Session(target, config=config) as session:
         _set_variables(session, built, resume_from, start_step, checkpoint)
-        writer = tf.compat.v1.summary.FileWriter(str(train_dir), graph=None if resume_from else built.graph)
+        if start_checks:
+            start_checks(session, plan, start_step)
+        writer = (tf.compat.v1.summary.FileWriter(str(train_dir), graph=None if resume_from else built.graph)
+                  if chief else cluster_mod.NoWriter())  # fmt: skip
         last_save_step, last_save_time = start_step, time.monotonic()
 
         def save() -> None:
             nonlocal last_save_step, last_save_time
+            if not chief:
+                last_save_step, last_save_time = outcome.step, time.monotonic()
+                return
             outcome.checkpoint = built.saver.save(session, rundir.checkpoint_prefix(train_dir), global_step=outcome.step)
             last_save_step, last_save_time = outcome.step, time.monotonic()
 
@@ -230,6 +262,8 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
                     save()
         if outcome.step != last_save_step or outcome.checkpoint is None:
             save()
+        if cluster:  # equal on every worker: the tests compare them
+            log.info(f"final weights sha256 {cluster_mod.variables_digest(session, tf.compat.v1.global_variables())}")
         writer.close()
     outcome.images_per_second = progress.rate if outcome.losses else None
     return outcome
