@@ -207,7 +207,7 @@ def _tflite(cut_graph, config: ExportConfig, calibration) -> tuple[bytes, dict]:
             data = converter.convert()
         except Exception as exc:  # ConverterError, whose message lists the ops it could not take
             ops = _unsupported_ops(str(exc))
-            what = f"ops {', '.join(ops)} are not supported" if ops else _first_line(exc)
+            what = f"unsupported ops {', '.join(ops)}" if ops else _first_line(exc)
             raise FinetuneError(
                 f"--format tflite (--quantize {config.quantize}): TensorFlow's converter cannot convert this "
                 f"graph: {what}; the .pb (--format pb) runs it"
@@ -253,11 +253,14 @@ def _onnx(cut_graph, classes: list[str], image_size: int) -> tuple[bytes, dict]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    unsupported = [c for c in complaints if "Unsupported ops" in c]
+    unsupported = [c for c in complaints if "Unsupported ops" in c]  # logged, not raised, by tf2onnx
     if unsupported:
+        import re
+
+        ops = ", ".join(sorted(set(re.findall(r"'(\w+)'", unsupported[0])))) or unsupported[0]
         raise FinetuneError(
             f"--format onnx: tf2onnx {tf2onnx.__version__} at opset {ONNX_OPSET} cannot convert this graph: "
-            f"{unsupported[0]}; --format tflite or the .pb runs it"
+            f"unsupported ops {ops}; --format tflite or the .pb runs it"
         )
     for key, value in {"classes": json.dumps(classes), "image_size": str(image_size),
                        "preprocessing": "central crop 0.875, bilinear resize, x / 255 * 2 - 1"}.items():  # fmt: skip
