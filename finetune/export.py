@@ -185,8 +185,9 @@ def _tflite(cut_graph, config: ExportConfig, calibration) -> tuple[bytes, dict]:
     """
     from finetune.compat import tf
 
+    # Labels stay in the sidecar: writing TFLite metadata needs tflite-support, which no longer installs.
     details: dict = {"quantize": config.quantize, "converter": f"tensorflow {tf.__version__}",
-                     "labels": "model.labels.txt beside it (TFLite metadata needs the retired tflite-support)"}  # fmt: skip
+                     "labels": "model.labels.txt beside it"}  # fmt: skip
     if calibration is not None:
         calibration, details["calibration"] = calibration
     with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
@@ -284,7 +285,9 @@ def export(config: ExportConfig) -> ExportResult:
     checkpoint = model.open_checkpoint(checkpoint_path)
     out = Path(config.out) if config.out else train_dir / "model.pb"
     if out.suffix != ".pb":
-        raise FinetuneError(f"--out {out}: name the file with a .pb suffix, e.g. model.pb (other formats take its stem)")
+        raise FinetuneError(
+            f"--out {out}: name the file with a .pb suffix, e.g. model.pb (other formats take its stem)"
+        )
     if "onnx" in config.format:
         _check_onnx_installed()  # before the minutes of freezing, not after
     calibration = calibration_images(config, run, image_size) if config.quantize == "int8" else None

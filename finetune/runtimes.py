@@ -78,7 +78,9 @@ class _Decoder:
         with self.graph.as_default():
             self.encoded = tf.compat.v1.placeholder(tf.string, [None])
             self.images = tf.map_fn(
-                lambda data: preprocess_for_eval(decode_image(data), image_size, central_fraction=EVAL_CENTRAL_FRACTION),
+                lambda data: preprocess_for_eval(
+                    decode_image(data), image_size, central_fraction=EVAL_CENTRAL_FRACTION
+                ),
                 self.encoded,
                 fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
             )
@@ -167,7 +169,9 @@ class OnnxRunner(Runner):
         try:
             import onnxruntime
         except ImportError:
-            raise FinetuneError(f"{flag} {info.path}: running an .onnx needs onnxruntime, not installed: {ONNX_INSTALL}")
+            raise FinetuneError(
+                f"{flag} {info.path}: running an .onnx needs onnxruntime, which is not installed: {ONNX_INSTALL}"
+            )
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = cores()
         options.log_severity_level = 3  # errors only

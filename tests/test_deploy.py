@@ -254,7 +254,8 @@ def test_an_op_the_converters_lack_is_named_with_the_format_that_runs_it(tmp_pat
         tf.nn.softmax(scores, name="probabilities")
         tf.identity(scores, name="logits")
     graph_def = graph.as_graph_def()
-    with pytest.raises(FinetuneError, match=r"--format tflite .*: unsupported ops Igamma; the \.pb \(--format pb\) runs it"):
+    refusal = r"--format tflite .*: unsupported ops Igamma; the \.pb \(--format pb\) runs it"
+    with pytest.raises(FinetuneError, match=refusal):
         exporting._tflite(graph_def, ExportConfig(train_dir="run", format=("tflite",)), None)
     with pytest.raises(FinetuneError, match=r"--format onnx: tf2onnx .*: unsupported ops Igamma; .*the \.pb runs it"):
         exporting._onnx(graph_def, ["a", "b", "c"], 8)
