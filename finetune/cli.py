@@ -221,6 +221,10 @@ def _run_export(config: Any, args: argparse.Namespace) -> int:
         print(to_json(result))
     else:
         print(f"exported {result.checkpoint} -> {result.model} ({result.size_bytes / 2**20:.1f} MiB)")
+        for kind, path in result.files.items():
+            if path != result.model:
+                quantized = f", --quantize {result.quantize}" if kind == "tflite" and result.quantize != "none" else ""
+                print(f"{kind}: {path} ({result.sizes[kind] / 2**20:.1f} MiB{quantized})")
         print(f"labels: {result.labels}; sidecar: {result.sidecar}")
         if result.saved_model:
             print(f"SavedModel: {result.saved_model}")
@@ -336,8 +340,9 @@ COMMANDS: list[Command] = [
             option_groups=TRAIN_OPTION_GROUPS),  # fmt: skip
     Command("evaluate", "measure a run or an exported model on a held-out split", EvaluateConfig, _run_evaluate,
             json_output=True),  # fmt: skip
-    Command("export", "freeze a run into a .pb for inference", ExportConfig, _run_export, json_output=True),
-    Command("predict", "label image files with an exported .pb", PredictConfig, _run_predict, json_output=True),
+    Command("export", "freeze a run into a .pb (and .tflite, .onnx, SavedModel) for inference", ExportConfig,
+            _run_export, json_output=True),  # fmt: skip
+    Command("predict", "label image files with an exported model", PredictConfig, _run_predict, json_output=True),
     Command("explain", "draw where the network looked (Grad-CAM) for given images, with a .pb or a train dir",
             ExplainConfig, _run_explain, json_output=True),  # fmt: skip
 ]

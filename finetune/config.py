@@ -53,6 +53,9 @@ def _fail(flag: str, value: Any, problem: str) -> NoReturn:
 # fp32: float32 everywhere. bf16: the network computes in bfloat16 (float16 on GPUs without bfloat16) while
 # variables, logits, softmax and loss stay float32; see finetune/precision.py.
 PRECISIONS = ("fp32", "bf16")
+# What `finetune export --format` writes (finetune/modelfile.py owns the files) and how a .tflite is quantized.
+EXPORT_FORMATS = ("pb", "saved_model", "tflite", "onnx")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 _SIZE_RANGE = f"{network.MIN_IMAGE_SIZE} to {network.MAX_IMAGE_SIZE}"  # the input sizes slim's InceptionV3 takes
 
 
@@ -325,7 +328,9 @@ class EvaluateConfig:
     """`finetune evaluate`: measure a train dir's checkpoint or an exported .pb on a held-out split."""
 
     train_dir: str | None = option(None, help="a training run: evaluates its newest checkpoint")
-    model: str | None = option(None, help="an exported .pb to evaluate instead of a train dir")
+    model: str | None = option(
+        None, help="an exported model to evaluate instead of a train dir: .pb, SavedModel folder, .tflite or .onnx"
+    )
     split: str = option("validation", help="which split", choices=("validation", "test", "train"))
     checkpoint: str | None = option(None, help="a specific checkpoint of the train dir (default: the newest)")
     dataset: str | None = option(None, help="dataset folder (default: the one the run or model was trained on)")
@@ -367,9 +372,39 @@ class ExportConfig:
     precision: str = option(
         "fp32", help="compute precision frozen into the .pb (recorded in its model.json)", choices=PRECISIONS
     )
+    # The .pb alone by default: it needs nothing beyond TensorFlow. The others take --out's stem.
+    format: tuple[str, ...] = option(
+        ("pb",), help="files to write, one or more: .pb, SavedModel folder, LiteRT .tflite, .onnx",
+        choices=EXPORT_FORMATS,
+    )
+    # none: float32 weights and compute, the same answers as the .pb; int8 is the smallest and fastest on CPUs.
+    quantize: str = option(
+        "none", help="TFLite quantization: float16 or dynamic-range weights, or full int8", choices=QUANTIZATIONS
+    )
+    dataset: str | None = option(
+        None, help="dataset whose training split calibrates --quantize int8 (default: the run's)", metavar="DIR"
+    )
+    # A hundred images settle the int8 ranges of InceptionV3's activations; more costs export time, not size.
+    calibration_images: int = option(
+        100, help="training images --quantize int8 calibrates on (a seeded random sample)", metavar="N"
+    )
+    calibration_seed: int = option(0, help="seed of the calibration sample", metavar="N")
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        for name in self.format:
+            if name not in EXPORT_FORMATS:
+                _fail("--format", name, f"unknown; choose from {', '.join(EXPORT_FORMATS)}")
+        if self.quantize not in QUANTIZATIONS:
+            _fail("--quantize", self.quantize, f"unknown; choose one of {', '.join(QUANTIZATIONS)}")
+        if self.quantize != "none" and "tflite" not in self.format:
+            _fail("--quantize", self.quantize, "quantizes the .tflite; add --format tflite")
+        if self.precision != "fp32" and {"tflite", "onnx"} & set(self.format):
+            _fail("--precision", self.precision,
+                  "the .tflite and .onnx are converted from the float32 graph; export them at --precision fp32 "
+                  "(--quantize float16 makes a half-size .tflite)")  # fmt: skip
+        if self.calibration_images < 1:
+            _fail("--calibration-images", self.calibration_images, "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -378,7 +413,8 @@ class PredictConfig:
 
     paths: tuple[str, ...] = option(help="image files, or folders searched recursively", positional=True,
                                     metavar="IMAGE_OR_FOLDER")  # fmt: skip
-    model: str = option(help="the .pb written by `finetune export` (model.json and model.labels.txt beside it)")
+    model: str = option(help="a model `finetune export` wrote: .pb, SavedModel folder, .tflite or .onnx "
+                             "(model.json and model.labels.txt beside it)")
     top_k: int = option(5, help="classes listed per image")
     batch_size: int = option(32, help="images per batch")
     # The precision is frozen into the .pb at export; this only checks that it is the expected one.

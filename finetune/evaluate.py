@@ -80,6 +80,7 @@ class Evaluation:
     html_bytes: int | None = None
     html_seconds: float | None = None  # time spent building it (pictures, Grad-CAM, curves)
     expected_calibration_error: float | None = None  # 15 equal-width confidence bins
+    runtime: str | None = None  # what ran an exported .tflite or .onnx (LiteRT, onnxruntime), with its version
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -273,6 +274,19 @@ def frozen_source(model_path: Path, heat_maps: bool = False):
     return build, lambda session: None
 
 
+def runner_source(runner):
+    """Graph builder for an exported .tflite or .onnx: each batch goes through its runtime (finetune.runtimes)
+    from inside the evaluation graph, so the split is read and preprocessed exactly as for a .pb."""
+    from finetune.compat import tf
+
+    def build(images):
+        probabilities = tf.numpy_function(runner.run, [images], tf.float32, stateful=True, name="runtime")
+        probabilities.set_shape([None, len(runner.classes)])
+        return probabilities
+
+    return build, lambda session: None
+
+
 # -------------------------------------------------------------------------------------------- entry points
 
 
@@ -295,7 +309,9 @@ def _resolve(config: EvaluateConfig):
                 f"{list(info.classes)}; pass the --dataset it was trained on"
             )
         out_dir = Path(config.model).parent
-        report = out_dir / f"{Path(config.model).stem}.eval-{config.split}.json"
+        # model.eval-validation.json for model.pb; model.tflite.eval-validation.json beside the same stem
+        name = Path(config.model).stem if exported.kind == "pb" else Path(config.model).name
+        report = out_dir / f"{name}.eval-{config.split}.json"
         return info, exported.image_size, None, report
     train_dir = Path(config.train_dir)
     run = rundir.read_run_config(train_dir)
@@ -319,12 +335,23 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
             f"{', '.join(s for s, n in info.split_counts.items() if n)}); rebuild it with that fraction"
         )
     classes = list(info.classes)
+    closing = contextlib.ExitStack()
+    runtime = None  # TensorFlow, unless a .tflite or .onnx names its runtime
     if config.model:
+        from finetune import modelfile
         from finetune.modelfile import read_model
 
         source = str(Path(config.model).resolve())
         used = precision.check_frozen_precision(read_model(config.model).precision, config.precision, config.model)
-        build, restore = frozen_source(Path(config.model), heat_maps=config.html)
+        if modelfile.model_kind(config.model) in ("tflite", "onnx"):
+            from finetune.runtimes import open_runner
+
+            runner = open_runner(config.model)
+            closing.callback(runner.close)
+            runtime = runner.runtime
+            build, restore = runner_source(runner)
+        else:
+            build, restore = frozen_source(Path(config.model), heat_maps=config.html)
     else:
         source = checkpoint or config.checkpoint or rundir.newest_checkpoint(train_dir)
         if not source:
@@ -333,9 +360,10 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         used = compute.precision
         build, restore = checkpoint_source(source, len(classes), compute.dtype, heat_maps=config.html)
     extras: dict = {}
-    probabilities, labels, paths, seconds = predict_split(
-        info, config.split, config.batch_size, image_size, build, restore, extras
-    )
+    with closing:
+        probabilities, labels, paths, seconds = predict_split(
+            info, config.split, config.batch_size, image_size, build, restore, extras
+        )
     expected = info.split_counts[config.split]
     if len(labels) != expected:
         raise FinetuneError(
@@ -353,6 +381,7 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         seconds=seconds,
         images_per_second=len(labels) / seconds if seconds else 0.0,
         precision=used,
+        runtime=runtime,
         **scores,
     )
     png = report.with_suffix(".png")

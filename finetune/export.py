@@ -10,13 +10,22 @@ entry points into one network:
 
 Outputs: ``probabilities`` [N, C] and ``logits`` [N, C]; slim's usual ``InceptionV3/Predictions/Reshape_1``
 names the probabilities too.
+
+``--format`` adds other files of the same network, each converted from the frozen graph's ``input`` path (the
+decoding branch is cut off: those runtimes get preprocessed images, as model.json says):
+
+- ``tflite``: TensorFlow's own converter; ``--quantize float16`` or ``dynamic`` shrinks the weights, ``int8``
+  makes every op 8-bit, calibrated on a seeded sample of the training split under eval preprocessing.
+  Inputs and outputs stay float32, so one client runs every variant.
+- ``onnx``: tf2onnx (the ``finetune[onnx]`` extra), at :data:`ONNX_OPSET`; the class names ride in its metadata.
+- ``saved_model``: the frozen graph as a SavedModel folder, with both entry points as signatures.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune import modelfile
@@ -40,6 +49,14 @@ class ExportResult:
     image_size: int
     size_bytes: int
     precision: str = "fp32"
+    files: dict[str, str] = field(default_factory=dict)  # format -> the file (or folder) written
+    sizes: dict[str, int] = field(default_factory=dict)  # format -> bytes
+    quantize: str = "none"
+
+
+# ONNX opset the .onnx is written at: 17 is read by onnxruntime 1.14 and later and covers every op of this graph.
+ONNX_OPSET = 17
+ONNX_INSTALL = "pip install 'finetune[onnx]'"
 
 
 def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32"):
@@ -69,30 +86,189 @@ def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = 
     return probabilities, logits
 
 
-def _write_saved_model(graph_def, directory: Path, image_size: int, num_classes: int) -> None:
-    """A SavedModel of the frozen graph, `serving_default` taking image bytes, `preprocessed` taking input."""
+def _saved_model_writer(graph_def):
+    """Writes the frozen graph as a SavedModel: `serving_default` taking image bytes, `preprocessed` input."""
     from finetune.compat import tf
 
-    if directory.exists():
-        raise FinetuneError(f"--saved-model {directory} already exists; remove it or choose another folder")
-    temporary = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
-        tf.compat.v1.import_graph_def(graph_def, name="")
-        tensor = graph.get_tensor_by_name
-        outputs = {PROBABILITIES: tensor(f"{PROBABILITIES}:0"), LOGITS: tensor(f"{LOGITS}:0")}
-        signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def
-        builder = tf.compat.v1.saved_model.Builder(str(temporary))
-        builder.add_meta_graph_and_variables(
-            session,
-            [tf.compat.v1.saved_model.tag_constants.SERVING],
-            signature_def_map={
-                "serving_default": signature({IMAGE_BYTES: tensor(f"{IMAGE_BYTES}:0")}, outputs),
-                "preprocessed": signature({INPUT: tensor(f"{INPUT}:0")}, outputs),
-            },
+    def write(directory: Path) -> None:
+        with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+            tf.compat.v1.import_graph_def(graph_def, name="")
+            tensor = graph.get_tensor_by_name
+            outputs = {PROBABILITIES: tensor(f"{PROBABILITIES}:0"), LOGITS: tensor(f"{LOGITS}:0")}
+            signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def
+            builder = tf.compat.v1.saved_model.Builder(str(directory))
+            builder.add_meta_graph_and_variables(
+                session,
+                [tf.compat.v1.saved_model.tag_constants.SERVING],
+                signature_def_map={
+                    "serving_default": signature({IMAGE_BYTES: tensor(f"{IMAGE_BYTES}:0")}, outputs),
+                    "preprocessed": signature({INPUT: tensor(f"{INPUT}:0")}, outputs),
+                },
+            )
+            builder.save()
+
+    return write
+
+
+def input_path_graph(graph_def, image_size: int):
+    """The frozen graph cut at ``input``: a float32 [N, S, S, 3] placeholder in, ``probabilities`` and
+    ``logits`` out, without the decoding branch (which the TFLite and ONNX converters cannot take)."""
+    from finetune.compat import tf
+
+    with tf.Graph().as_default() as graph:
+        images = tf.compat.v1.placeholder(tf.float32, [None, image_size, image_size, 3], name=INPUT)
+        probabilities, logits = tf.compat.v1.import_graph_def(
+            graph_def, input_map={f"{INPUT}:0": images}, return_elements=[f"{PROBABILITIES}:0", f"{LOGITS}:0"],
+            name="frozen",
+        )  # fmt: skip
+        tf.identity(probabilities, name=PROBABILITIES)
+        tf.identity(logits, name=LOGITS)
+    return tf.compat.v1.graph_util.extract_sub_graph(graph.as_graph_def(), [PROBABILITIES, LOGITS])
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _unsupported_ops(message: str) -> list[str]:
+    """Op names in a converter's complaint ("... ops are not supported: Foo, Bar" or "'tf.Foo' op ...")."""
+    import re
+
+    return sorted(set(re.findall(r"'tf\.(\w+)' op", message)))
+
+
+def calibration_images(config: ExportConfig, run, image_size: int):
+    """A seeded random sample of the run's training split under eval preprocessing, as float32 [N, S, S, 3].
+
+    Returns (images, what model.json records about them). Raises FinetuneError naming --dataset when there is
+    no dataset to calibrate on.
+    """
+    import numpy as np
+
+    from finetune.compat import tf
+    from finetune.dataset import load_dataset, read_dataset
+
+    root = config.dataset or run.dataset
+    flag = "--dataset" if config.dataset else "the run's dataset"
+    if not root or not Path(root).is_dir():
+        raise FinetuneError(
+            f"--quantize int8 calibrates on a sample of the training split, but {flag} {root or '(none)'} is not "
+            "there; pass --dataset DIR (the dataset the run was trained on), or use --quantize dynamic, which "
+            "needs no data"
         )
-        builder.save()
-    os.replace(temporary, directory)
+    info = load_dataset(root, flag="--dataset")
+    if list(info.classes) != list(run.classes):
+        raise FinetuneError(
+            f"--dataset {info.root} has classes {list(info.classes)}, but the run was trained on "
+            f"{list(run.classes)}; pass the dataset it was trained on to calibrate --quantize int8"
+        )
+    available = info.split_counts.get("train", 0)
+    if not available:
+        raise FinetuneError(f"--dataset {info.root} has no training split to calibrate --quantize int8 on")
+    count = min(config.calibration_images, available)
+    with tf.Graph().as_default():
+        batches = read_dataset(info, "train", batch_size=count, image_size=image_size, training=False,
+                               shuffle=True, seed=config.calibration_seed)  # fmt: skip
+        batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
+        with tf.compat.v1.Session() as session:
+            images = session.run(batch["image"])
+    recorded = {"dataset": str(info.root), "split": "train", "images": int(len(images)),
+                "seed": config.calibration_seed, "preprocessing": "eval"}  # fmt: skip
+    return np.asarray(images, dtype=np.float32), recorded
+
+
+def _tflite(cut_graph, config: ExportConfig, calibration) -> tuple[bytes, dict]:
+    """The ``input`` path as a LiteRT flatbuffer, quantized as --quantize says; returns (bytes, details).
+
+    ``calibration`` is :func:`calibration_images`'s answer for int8, else None.
+    """
+    from finetune.compat import tf
+
+    # Labels stay in the sidecar: writing TFLite metadata needs tflite-support, which no longer installs.
+    details: dict = {"quantize": config.quantize, "converter": f"tensorflow {tf.__version__}",
+                     "labels": "model.labels.txt beside it"}  # fmt: skip
+    if calibration is not None:
+        calibration, details["calibration"] = calibration
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        tf.compat.v1.import_graph_def(cut_graph, name="")
+        tensor = graph.get_tensor_by_name
+        converter = tf.compat.v1.lite.TFLiteConverter.from_session(
+            session, [tensor(f"{INPUT}:0")], [tensor(f"{PROBABILITIES}:0"), tensor(f"{LOGITS}:0")]
+        )
+        if config.quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if config.quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if calibration is not None:
+            converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            # Inputs and outputs stay float32: the converter quantizes at the edges, clients need not.
+        try:
+            data = converter.convert()
+        except Exception as exc:  # ConverterError, whose message lists the ops it could not take
+            ops = _unsupported_ops(str(exc))
+            what = f"unsupported ops {', '.join(ops)}" if ops else _first_line(exc)
+            raise FinetuneError(
+                f"--format tflite (--quantize {config.quantize}): TensorFlow's converter cannot convert this "
+                f"graph: {what}; the .pb (--format pb) runs it"
+                + ("" if config.quantize == "none" else ", and so may --quantize none")
+            ) from None
+    details["inputs_dtype"] = details["outputs_dtype"] = "float32"
+    return data, details
+
+
+def _check_onnx_installed() -> None:
+    try:
+        import onnx  # noqa: F401
+        import tf2onnx  # noqa: F401
+    except ImportError as exc:
+        raise FinetuneError(f"--format onnx needs tf2onnx and onnx ({exc.name} is not installed): {ONNX_INSTALL}")
+
+
+def _onnx(cut_graph, classes: list[str], image_size: int) -> tuple[bytes, dict]:
+    """The ``input`` path converted by tf2onnx; returns (bytes, details). Unsupported ops are an error."""
+    import tf2onnx
+
+    complaints: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            complaints.append(record.getMessage())
+
+    logger = logging.getLogger("tf2onnx")
+    handler, level = Collect(logging.ERROR), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.ERROR)  # its INFO lines would bury ours
+    try:
+        names = [f"{name}:0" for name in (INPUT, PROBABILITIES, LOGITS)]
+        model, _ = tf2onnx.convert.from_graph_def(
+            cut_graph, input_names=names[:1], output_names=names[1:], opset=ONNX_OPSET,
+            tensors_to_rename={name: name[:-2] for name in names},
+        )  # fmt: skip
+    except Exception as exc:
+        raise FinetuneError(
+            f"--format onnx: tf2onnx {tf2onnx.__version__} cannot convert this graph: {_first_line(exc)}; "
+            "--format tflite or the .pb runs it"
+        ) from None
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    unsupported = [c for c in complaints if "Unsupported ops" in c]  # logged, not raised, by tf2onnx
+    if unsupported:
+        import re
+
+        ops = ", ".join(sorted(set(re.findall(r"'(\w+)'", unsupported[0])))) or unsupported[0]
+        raise FinetuneError(
+            f"--format onnx: tf2onnx {tf2onnx.__version__} at opset {ONNX_OPSET} cannot convert this graph: "
+            f"unsupported ops {ops}; --format tflite or the .pb runs it"
+        )
+    for key, value in {"classes": json.dumps(classes), "image_size": str(image_size),
+                       "preprocessing": "central crop 0.875, bilinear resize, x / 255 * 2 - 1"}.items():  # fmt: skip
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model.SerializeToString(), {"opset": ONNX_OPSET, "converter": f"tf2onnx {tf2onnx.__version__}",
+                                       "labels": "also in the ONNX metadata, key 'classes' (JSON)"}  # fmt: skip
 
 
 def export(config: ExportConfig) -> ExportResult:
@@ -109,7 +285,12 @@ def export(config: ExportConfig) -> ExportResult:
     checkpoint = model.open_checkpoint(checkpoint_path)
     out = Path(config.out) if config.out else train_dir / "model.pb"
     if out.suffix != ".pb":
-        raise FinetuneError(f"--out {out}: name the file with a .pb suffix, e.g. model.pb")
+        raise FinetuneError(
+            f"--out {out}: name the file with a .pb suffix, e.g. model.pb (other formats take its stem)"
+        )
+    if "onnx" in config.format:
+        _check_onnx_installed()  # before the minutes of freezing, not after
+    calibration = calibration_images(config, run, image_size) if config.quantize == "int8" else None
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # The type is frozen into the graph, not chosen per machine: bf16 is bfloat16 wherever the .pb runs.
@@ -125,11 +306,18 @@ def export(config: ExportConfig) -> ExportResult:
             frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
                 session, graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT]
             )
+    cut = input_path_graph(frozen, image_size) if {"tflite", "onnx"} & set(config.format) else None
+    formats = list(dict.fromkeys(config.format))
     data = frozen.SerializeToString()
+    others: dict[str, tuple[bytes, dict]] = {}
+    if "tflite" in formats:
+        others["tflite"] = _tflite(cut, config, calibration)
+    if "onnx" in formats:
+        others["onnx"] = _onnx(cut, classes, image_size)
     step = rundir.checkpoint_step(checkpoint.path)
     labels_path, sidecar_path = modelfile.write_model(
         out,
-        data,
+        data if "pb" in formats else None,
         classes=classes,
         image_size=image_size,
         precision=config.precision,
@@ -139,11 +327,17 @@ def export(config: ExportConfig) -> ExportResult:
         dataset=run.dataset,
         dataset_fingerprint=run.dataset_fingerprint,
         pretrained_from=run.checkpoint,
+        others=others,
+        saved_model=_saved_model_writer(frozen) if "saved_model" in formats else None,
     )
     if config.saved_model:
-        _write_saved_model(frozen, Path(config.saved_model), image_size, len(classes))
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        modelfile.write_saved_model(Path(config.saved_model), _saved_model_writer(frozen), sidecar, replace=False)
+    files = {kind: str(out.with_suffix(modelfile.SUFFIXES[kind])) for kind in formats}
+    sizes = {kind: _size(Path(path)) for kind, path in files.items()}
+    main = "pb" if "pb" in formats else formats[0]
     return ExportResult(
-        model=str(out),
+        model=files[main],
         labels=str(labels_path),
         sidecar=str(sidecar_path),
         saved_model=config.saved_model,
@@ -151,6 +345,15 @@ def export(config: ExportConfig) -> ExportResult:
         global_step=step,
         classes=classes,
         image_size=image_size,
-        size_bytes=len(data),
+        size_bytes=sizes[main],
         precision=config.precision,
+        files=files,
+        sizes=sizes,
+        quantize=config.quantize,
     )
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size

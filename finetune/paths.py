@@ -99,7 +99,7 @@ def printable(path: str | os.PathLike) -> str:
 _DATASET = "pass the folder `finetune build-dataset` wrote"
 _RUN = "pass the folder `finetune train` wrote"
 _NEW_FOLDER = "pass a new or existing folder"
-_MODEL = "pass the .pb file `finetune export` wrote"
+_MODEL = "pass a model `finetune export` wrote: a .pb, .tflite or .onnx file or a SavedModel folder"
 _NEW_FILE = "pass a file name to write"
 
 PATH_FLAGS: dict[str, dict[str, tuple[str, str, str]]] = {  # config -> field -> (kind, flag, fix)
@@ -110,11 +110,11 @@ PATH_FLAGS: dict[str, dict[str, tuple[str, str, str]]] = {  # config -> field ->
     "TrainConfig": {"dataset": ("folder", "--dataset", _DATASET),
                     "train_dir": ("folder", "--train-dir", "pass a folder for the run (a new name is created)"),
                     "cache_dir": ("folder", "--cache-dir", _NEW_FOLDER)},  # fmt: skip
-    "EvaluateConfig": {"train_dir": ("folder", "--train-dir", _RUN), "model": ("file", "--model", _MODEL),
+    "EvaluateConfig": {"train_dir": ("folder", "--train-dir", _RUN), "model": ("model", "--model", _MODEL),
                        "dataset": ("folder", "--dataset", _DATASET)},  # fmt: skip
     "ExportConfig": {"train_dir": ("folder", "--train-dir", _RUN), "out": ("new file", "--out", _NEW_FILE),
                      "saved_model": ("folder", "--saved-model", "pass a name for a new folder")},  # fmt: skip
-    "PredictConfig": {"model": ("file", "--model", _MODEL)},
+    "PredictConfig": {"model": ("model", "--model", _MODEL)},
     "QuickstartConfig": {"workdir": ("folder", "--workdir", _NEW_FOLDER)},
     "ExplainConfig": {"model": ("file", "--model", _MODEL), "train_dir": ("folder", "--train-dir", _RUN),
                       "out": ("folder", "--out", _NEW_FOLDER)},  # fmt: skip
@@ -143,11 +143,15 @@ def check_path_kind(value: str, kind: str, flag: str, fix: str) -> None:
         is_dir = path.is_dir()
         if kind == "folder" and not is_dir:
             raise FinetuneError(f"{flag} {shown} is not a folder (it is {_kind_at(path)}); {fix}")
+        if kind == "model" and is_dir:  # a SavedModel folder runs
+            if (path / "saved_model.pb").exists():
+                return
+            raise FinetuneError(f"{flag} {shown} is a folder without saved_model.pb, not a model; {fix}")
         if kind in ("file", "new file") and is_dir:
             if kind == "file" and (path / "saved_model.pb").exists():
                 raise FinetuneError(f"{flag} {shown} is a SavedModel folder, not a file; {fix} (e.g. RUN/model.pb)")
             raise FinetuneError(f"{flag} {shown} is a folder, not a file; {fix}")
-        if kind == "file" and not is_dir and describe(path) is not None:
+        if kind in ("file", "model") and not is_dir and describe(path) is not None:
             raise FinetuneError(f"{flag} {shown} is {describe(path)}; {fix}")
         return
     blocker = _blocking_ancestor(path)

@@ -1,7 +1,8 @@
-"""Label image files with an exported `.pb` and its sidecars alone (no checkpoint, no dataset, no tf-slim).
+"""Label image files with an exported model and its sidecars alone (no checkpoint, no dataset, no tf-slim).
 
-Files go into the graph as raw bytes through ``image_bytes``; the graph decodes, crops and resizes them as
-evaluation does. A file that cannot be read or decoded gets its own error row and the others go on.
+A .pb or SavedModel takes the files as raw bytes through ``image_bytes`` and decodes, crops and resizes them
+as evaluation does; a .tflite or .onnx gets the same decoding from TensorFlow first (finetune/runtimes.py). A
+file that cannot be read or decoded gets its own error row and the others go on.
 """
 
 from __future__ import annotations
@@ -76,26 +77,20 @@ def _reason(message: str) -> str:
 
 
 class Predictor:
-    """A loaded .pb with its class names; ``run`` maps encoded files to probabilities."""
+    """An exported model (.pb, SavedModel, .tflite or .onnx) with its class names; ``run`` maps encoded files
+    to probabilities."""
 
     def __init__(self, model_path: Path):
         from finetune.compat import tf
-        from finetune.modelfile import IMAGE_BYTES, PROBABILITIES, load_graph_def, read_model
-        from finetune.runtime import session_config
+        from finetune.runtimes import open_runner
 
-        self.model = read_model(model_path)
+        self.runner = open_runner(model_path)
+        self.model = self.runner.info
         self.classes = list(self.model.classes)
-        graph_def = load_graph_def(model_path)
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            tf.compat.v1.import_graph_def(graph_def, name="")
-        self.session = tf.compat.v1.Session(graph=self.graph, config=session_config())
-        self.image_bytes = self.graph.get_tensor_by_name(f"{IMAGE_BYTES}:0")
-        self.probabilities = self.graph.get_tensor_by_name(f"{PROBABILITIES}:0")
         self._errors = tf.errors.OpError
 
     def run(self, encoded: list[bytes]) -> np.ndarray:
-        return self.session.run(self.probabilities, {self.image_bytes: np.array(encoded, dtype=object)})
+        return self.runner.run_encoded(encoded)
 
     def run_each(self, encoded: list[bytes]) -> list[np.ndarray | str]:
         """Runs the batch; when one file breaks it, runs them one by one to tell which."""
@@ -111,7 +106,7 @@ class Predictor:
             return results
 
     def close(self) -> None:
-        self.session.close()
+        self.runner.close()
 
 
 def predict(config: PredictConfig) -> Iterator[Prediction]:
@@ -119,11 +114,14 @@ def predict(config: PredictConfig) -> Iterator[Prediction]:
     model_path = Path(config.model)
     if not model_path.exists():
         raise FinetuneError(f"--model {model_path}: no such file; run `finetune export` first")
-    from finetune.modelfile import read_model
     from finetune.precision import check_frozen_precision
 
-    check_frozen_precision(read_model(model_path).precision, config.precision, str(model_path))
     predictor = Predictor(model_path)
+    try:
+        check_frozen_precision(predictor.model.precision, config.precision, str(model_path))
+    except BaseException:
+        predictor.close()
+        raise
     top_k = min(config.top_k, len(predictor.classes))
     try:
         pending: list[tuple[Path, bytes]] = []
