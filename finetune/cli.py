@@ -156,6 +156,9 @@ def _run_train(config: Any, args: argparse.Namespace) -> int:
                   f"{len(search['candidates'])} settings on held-out training images in {search['seconds']:.1f} s")  # fmt: skip
         if result.validation_accuracy is not None:
             print(f"validation accuracy {result.validation_accuracy:.4f}")
+        if result.best_step is not None:
+            print(f"best: step {result.best_step}, validation {result.best_metric} {result.best_value:.4f} "
+                  f"({result.best_checkpoint}; evaluate and export take it by default)")  # fmt: skip
         if not result.pretrained:
             print("not pretrained: these weights started from random values (--checkpoint none)")
         print(f"checkpoint: {result.checkpoint}")
@@ -168,6 +171,8 @@ def _print_evaluation(evaluation: Any) -> None:
 
     console = Console(file=sys.stdout, highlight=False)
     where = f"step {evaluation.global_step}" if evaluation.global_step is not None else evaluation.source
+    if getattr(evaluation, "checkpoint_choice", None):
+        where = f"the {evaluation.checkpoint_choice} checkpoint"
     line = f"{evaluation.split}: top-1 {evaluation.top1:.4f}"
     if evaluation.top5 is not None:
         line += f", top-5 {evaluation.top5:.4f}"
@@ -209,6 +214,8 @@ def _run_export(config: Any, args: argparse.Namespace) -> int:
         print(to_json(result))
     else:
         print(f"exported {result.checkpoint} -> {result.model} ({result.size_bytes / 2**20:.1f} MiB)")
+        if result.checkpoint_choice:
+            print(f"checkpoint: the {result.checkpoint_choice} one")
         print(f"labels: {result.labels}; sidecar: {result.sidecar}")
         if result.saved_model:
             print(f"SavedModel: {result.saved_model}")

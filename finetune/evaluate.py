@@ -76,6 +76,7 @@ class Evaluation:
     report: str | None = None  # the JSON file written
     confusion_png: str | None = None
     warnings: list[str] = field(default_factory=list)
+    checkpoint_choice: str | None = None  # which of a train dir's checkpoints: "best (step 40, ...)", "newest (...)"
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -293,12 +294,13 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         used = precision.check_frozen_precision(read_model(config.model).precision, config.precision, config.model)
         build, restore = frozen_source(Path(config.model))
     else:
-        source = checkpoint or config.checkpoint or rundir.newest_checkpoint(train_dir)
-        if not source:
-            raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
+        chosen = rundir.choose_checkpoint(train_dir, checkpoint or config.checkpoint)
+        source = chosen.path
         compute = precision.resolve(config.precision or "fp32")
         used = compute.precision
         build, restore = checkpoint_source(source, len(classes), compute.dtype)
+        if chosen.which != "given":
+            log.info(f"evaluating the {chosen.which} checkpoint: {source}")
     probabilities, labels, paths, seconds = predict_split(
         info, config.split, config.batch_size, image_size, build, restore
     )
@@ -321,6 +323,7 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         precision=used,
         **scores,
     )
+    evaluation.checkpoint_choice = None if config.model else chosen.which
     png = report.with_suffix(".png")
     evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
     evaluation.report = str(report)

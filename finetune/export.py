@@ -40,6 +40,7 @@ class ExportResult:
     image_size: int
     size_bytes: int
     precision: str = "fp32"
+    checkpoint_choice: str | None = None  # "best (step 40, validation accuracy 0.9300)", "newest (step 60)", "given"
 
 
 def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32"):
@@ -103,10 +104,8 @@ def export(config: ExportConfig) -> ExportResult:
     train_dir = Path(config.train_dir)
     run = rundir.read_run_config(train_dir)
     classes, image_size = list(run.classes), run.image_size
-    checkpoint_path = config.checkpoint or rundir.newest_checkpoint(train_dir)
-    if not checkpoint_path:
-        raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
-    checkpoint = model.open_checkpoint(checkpoint_path)
+    chosen = rundir.choose_checkpoint(train_dir, config.checkpoint)
+    checkpoint = model.open_checkpoint(chosen.path)
     out = Path(config.out) if config.out else train_dir / "model.pb"
     if out.suffix != ".pb":
         raise FinetuneError(f"--out {out}: name the file with a .pb suffix, e.g. model.pb")
@@ -153,4 +152,5 @@ def export(config: ExportConfig) -> ExportResult:
         image_size=image_size,
         size_bytes=len(data),
         precision=config.precision,
+        checkpoint_choice=chosen.which,
     )
