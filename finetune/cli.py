@@ -159,6 +159,10 @@ def _run_train(config: Any, args: argparse.Namespace) -> int:
         if result.best_step is not None:
             print(f"best: step {result.best_step}, validation {result.best_metric} {result.best_value:.4f} "
                   f"({result.best_checkpoint}; evaluate and export take it by default)")  # fmt: skip
+        if result.calibration:
+            fit = result.calibration
+            print(f"calibration: temperature {fit['temperature']:.3f}; validation ECE {fit['ece_before']:.4f} -> "
+                  f"{fit['ece_after']:.4f} ({fit['reliability_png']})")  # fmt: skip
         if not result.pretrained:
             print("not pretrained: these weights started from random values (--checkpoint none)")
         print(f"checkpoint: {result.checkpoint}")
@@ -189,6 +193,11 @@ def _print_evaluation(evaluation: Any) -> None:
         print("most confident mistakes:")
         for mistake in evaluation.most_confident_mistakes:
             print(f"  {mistake.path}: {mistake.label} taken for {mistake.predicted} ({mistake.confidence:.3f})")
+    if getattr(evaluation, "ece", None) is not None:
+        calibrated = (f"; with temperature {evaluation.temperature:.3f}: {evaluation.ece_calibrated:.4f}"
+                      if evaluation.temperature else "")  # fmt: skip
+        print(f"calibration error (ECE, 15 bins): {evaluation.ece:.4f}{calibrated}; "
+              f"reliability diagram: {evaluation.reliability_png}")  # fmt: skip
     print(f"report: {evaluation.report}\nconfusion matrix: {evaluation.confusion_png}")
 
 
@@ -216,6 +225,8 @@ def _run_export(config: Any, args: argparse.Namespace) -> int:
         print(f"exported {result.checkpoint} -> {result.model} ({result.size_bytes / 2**20:.1f} MiB)")
         if result.checkpoint_choice:
             print(f"checkpoint: the {result.checkpoint_choice} one")
+        if result.temperature:
+            print(f"probabilities calibrated: softmax(logits / {result.temperature:.3f}); logits unchanged")
         print(f"labels: {result.labels}; sidecar: {result.sidecar}")
         if result.saved_model:
             print(f"SavedModel: {result.saved_model}")

@@ -369,6 +369,10 @@ class ExportConfig:
     precision: str = option(
         "fp32", help="compute precision frozen into the .pb (recorded in its model.json)", choices=PRECISIONS
     )
+    # On: a user who thresholds "confidence > 0.9" gets probabilities that mean it; argmax is unchanged.
+    calibrate: bool = option(
+        True, help="fold the temperature fitted on the validation split into `probabilities` (see model.json)"
+    )
 
     def __post_init__(self) -> None:
         check_precision(self.precision)

@@ -9,11 +9,13 @@ entry points into one network:
   graph, so any TensorFlow client can send raw files.
 
 Outputs: ``probabilities`` [N, C] and ``logits`` [N, C]; slim's usual ``InceptionV3/Predictions/Reshape_1``
-names the probabilities too.
+names the probabilities too. By default (``--calibrate``) ``probabilities`` is softmax(logits / T) with the
+temperature fitted on the validation split; slim's node then keeps the network's own, uncalibrated softmax.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from finetune.errors import FinetuneError
 # The tensor names belong to the exported model's format, which finetune/modelfile.py reads and writes.
 from finetune.modelfile import IMAGE_BYTES, INPUT, LOGITS, PROBABILITIES, SLIM_OUTPUT
 from finetune.network import EVAL_CENTRAL_FRACTION
+
+log = logging.getLogger("finetune")
 
 
 @dataclass
@@ -41,12 +45,16 @@ class ExportResult:
     size_bytes: int
     precision: str = "fp32"
     checkpoint_choice: str | None = None  # "best (step 40, validation accuracy 0.9300)", "newest (step 60)", "given"
+    temperature: float | None = None  # folded into `probabilities` (--calibrate); None: uncalibrated
 
 
-def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32"):
+def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32",
+                        temperature: float | None = None):  # fmt: skip
     """Builds the inference network with both entry points in the current graph; returns the outputs.
 
-    ``input`` and the outputs are float32 whatever ``compute_dtype``; a 16-bit graph casts inside.
+    ``input`` and the outputs are float32 whatever ``compute_dtype``; a 16-bit graph casts inside. With a
+    ``temperature``, ``probabilities`` is softmax(logits / temperature) (calibrated; the same argmax) while
+    ``logits`` and slim's own output node stay the network's.
     """
     from finetune import model
     from finetune.compat import tf
@@ -62,7 +70,8 @@ def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = 
     # Feeding `input` cuts the decoding branch off; feeding `image_bytes` computes `input` from the files.
     images = tf.compat.v1.placeholder_with_default(decoded, [None, image_size, image_size, 3], name=INPUT)
     net = model.build(images, num_classes, compute_dtype=compute_dtype)
-    probabilities = tf.identity(net.probabilities, name=PROBABILITIES)
+    scores = net.probabilities if temperature is None else tf.nn.softmax(net.logits / temperature)
+    probabilities = tf.identity(scores, name=PROBABILITIES)
     logits = tf.identity(net.logits, name=LOGITS)
     graph = tf.compat.v1.get_default_graph()
     if SLIM_OUTPUT not in {op.name for op in graph.get_operations()}:
@@ -114,8 +123,9 @@ def export(config: ExportConfig) -> ExportResult:
     # The type is frozen into the graph, not chosen per machine: bf16 is bfloat16 wherever the .pb runs.
     bf16 = config.precision == "bf16"
     compute_dtype = precision.BFLOAT16 if bf16 else precision.FLOAT32
+    temperature = _temperature(train_dir, chosen.step) if config.calibrate else None
     with tf.Graph().as_default() as graph:
-        build_serving_graph(len(classes), image_size, compute_dtype)
+        build_serving_graph(len(classes), image_size, compute_dtype, temperature)
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
         saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
@@ -138,6 +148,7 @@ def export(config: ExportConfig) -> ExportResult:
         dataset=run.dataset,
         dataset_fingerprint=run.dataset_fingerprint,
         pretrained_from=run.checkpoint,
+        temperature=temperature,
     )
     if config.saved_model:
         _write_saved_model(frozen, Path(config.saved_model), image_size, len(classes))
@@ -153,4 +164,18 @@ def export(config: ExportConfig) -> ExportResult:
         size_bytes=len(data),
         precision=config.precision,
         checkpoint_choice=chosen.which,
+        temperature=temperature,
     )
+
+
+def _temperature(train_dir: Path, step: int | None) -> float | None:
+    """The temperature fitted for the exported step, or None (with a warning) when none was."""
+    from finetune import rundir
+
+    fit = rundir.read_calibration(train_dir, step)
+    if fit is None:
+        log.warning(f"no temperature fitted for step {step} of {train_dir}: exporting uncalibrated probabilities; "
+                    f"fit one with `finetune evaluate --train-dir {train_dir} --split validation` (with the same "
+                    "--checkpoint), or pass --no-calibrate to silence this")  # fmt: skip
+        return None
+    return float(fit["temperature"])

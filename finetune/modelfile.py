@@ -173,6 +173,7 @@ def write_model(
     dataset: str,
     dataset_fingerprint: str,
     pretrained_from: str | None,
+    temperature: float | None = None,
 ) -> tuple[Path, Path]:
     """Writes the .pb and its two sidecars; returns (labels path, model.json path).
 
@@ -206,6 +207,8 @@ def write_model(
         "dataset": dataset,
         "dataset_fingerprint": dataset_fingerprint,
         "pretrained_from": pretrained_from,
+        # probabilities = softmax(logits / temperature), fitted on the validation split; None: uncalibrated.
+        "temperature": temperature,
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "finetune_version": __version__,
     }

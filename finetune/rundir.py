@@ -7,6 +7,7 @@ A train dir holds what ``finetune train`` writes::
     model.ckpt-<step>[.meta]    checkpoints, named by the global step they hold
     events.out.tfevents.*       TensorBoard events
     best/                       the best validation pass's checkpoint and best.json (see below)
+    calibration.json/.png       the temperature fitted on the validation split, its reliability diagram
     eval-<split>.json/.png      reports of `finetune evaluate --train-dir`
 
 config.json versions: 1 is every file written so far (files from before the version field count as 1).
@@ -32,7 +33,8 @@ CHECKPOINT_STATE = "checkpoint"  # TensorFlow's own name for its list of checkpo
 FORMAT_VERSION = 1
 _VERSION_KEY = "format_version"
 # What a run writes; --overwrite removes these and nothing else.
-_RUN_FILES = ("checkpoint", f"{CHECKPOINT_NAME}-*", "events.out.tfevents.*", CONFIG_FILE, "eval-*.json", "best")
+_RUN_FILES = ("checkpoint", f"{CHECKPOINT_NAME}-*", "events.out.tfevents.*", CONFIG_FILE, "eval-*.json", "best",
+              "calibration.json", "calibration-*.png")
 
 
 @dataclass(frozen=True)
@@ -317,3 +319,55 @@ def choose_checkpoint(train_dir: str | Path, choice: str | None, flag: str = "--
     if not newest:
         raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
     return ChosenCheckpoint(newest, checkpoint_step(newest), f"newest (step {checkpoint_step(newest)})")
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+#
+# calibration.json: per checkpoint step, the temperature fitted on the validation split's logits (see
+# finetune/calibration.py), with the expected calibration error before and after:
+#
+#     {"format_version": 1, "fits": {"40": {"temperature": 1.8, "step": 40, "split": "validation",
+#      "examples": 60, "ece_before": 0.12, "ece_after": 0.03, "nll_before": 0.9, "nll_after": 0.6}}}
+
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FORMAT_VERSION = 1
+
+
+def _read_calibration_file(train_dir: Path) -> dict[str, dict[str, Any]]:
+    path = train_dir / CALIBRATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        version = values.get("format_version", 1)
+        fits = values["fits"]
+        for fit in fits.values():
+            if not float(fit["temperature"]) > 0:
+                raise ValueError(f"temperature {fit['temperature']}")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FinetuneError(f"{path} is unreadable or corrupt ({exc}); remove it, then run "
+                            f"`finetune evaluate --train-dir {train_dir} --split validation` to fit it again") from None  # fmt: skip
+    if isinstance(version, int) and version > CALIBRATION_FORMAT_VERSION:
+        raise FinetuneError(f"{path} is format version {version}, newer than this finetune ({__version__}) reads "
+                            f"(up to {CALIBRATION_FORMAT_VERSION}); upgrade finetune to use this run")  # fmt: skip
+    return fits
+
+
+def write_calibration(train_dir: str | Path, step: int | None, fit: dict[str, Any]) -> Path:
+    """Records the temperature fitted for one checkpoint step (atomically), beside those of other steps."""
+    train_dir = Path(train_dir)
+    fits = {**_read_calibration_file(train_dir), str(step): {**fit, "step": step}}
+    path = train_dir / CALIBRATION_FILE
+    document = {"format_version": CALIBRATION_FORMAT_VERSION, "fits": fits}
+    write_text_atomically(path, json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def read_calibration(train_dir: str | Path, step: int | None) -> dict[str, Any] | None:
+    """The temperature fitted for a checkpoint step (with its ECE before and after), or None.
+
+    Raises:
+        FinetuneError: a calibration.json that is unreadable, holds a temperature that is not positive, or is
+            of a newer format version.
+    """
+    return _read_calibration_file(Path(train_dir)).get(str(step))

@@ -58,6 +58,9 @@ class TrainResult:
     best_metric: str | None = None  # "accuracy" or "loss" (--select-by)
     best_value: float | None = None
     best_checkpoint: str | None = None
+    # The temperature fitted on the validation split for the checkpoint evaluate and export take, with the
+    # expected calibration error before and after (see finetune/calibration.py); None without validation.
+    calibration: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -131,6 +134,9 @@ def train(config: TrainConfig) -> TrainResult:
     train_dir = Path(config.train_dir)
     resume_from = rundir.prepare(train_dir, asdict(plan), config.overwrite, must_match=RESUME_MUST_MATCH)
     warnings = _start_warnings(plan, config, resume_from)
+    if not plan.eval_every:
+        warnings.append("no validation passes (no validation split, or --eval-every 0): no best checkpoint is kept "
+                        "and the probabilities are not calibrated")  # fmt: skip
     start_step = _global_step(resume_from) if resume_from else 0
     if start_step >= plan.total_steps:
         log.info(f"{train_dir} is already trained to step {start_step}; raise --steps or --epochs to go on")
@@ -156,6 +162,13 @@ def train(config: TrainConfig) -> TrainResult:
     outcome = _run(plan, built, train_dir, start_step, resume_from, checkpoint)
     result = _result(plan, train_dir, outcome, started, warnings)
     result.feature_cache = tables.report if tables else None
+    if plan.eval_every and outcome.status in ("completed", "stopped early"):
+        from finetune.evaluate import calibrate_run
+
+        result.calibration = calibrate_run(train_dir)
+        log.info(f"calibration: temperature {result.calibration['temperature']:.3f} for step "
+                 f"{result.calibration['step']}; validation ECE {result.calibration['ece_before']:.4f} -> "
+                 f"{result.calibration['ece_after']:.4f}")  # fmt: skip
     return _with_best(result)
 
 

@@ -63,6 +63,11 @@ def test_the_best_pass_is_kept_through_rotation_and_evaluate_and_export_take_it(
     assert sorted(p.name for p in train_dir.glob("model.ckpt-*.index")) == [f"model.ckpt-{STEPS}.index"]
     assert sorted(p.name for p in (train_dir / "best").glob("model.ckpt-*.index")) == [f"model.ckpt-{best_step}.index"]
 
+    # The end of the run fitted a temperature for the checkpoint evaluate and export take.
+    assert result.calibration["step"] == best_step and result.calibration["temperature"] > 0
+    assert result.calibration["nll_after"] <= result.calibration["nll_before"] + 1e-9
+    assert rundir.read_calibration(train_dir, best_step)["temperature"] == result.calibration["temperature"]
+
     chosen = evaluate(EvaluateConfig(train_dir=str(train_dir)))
     assert chosen.global_step == best_step and chosen.checkpoint_choice.startswith(f"best (step {best_step}")
     assert chosen.top1 == pytest.approx(peak)
@@ -130,3 +135,12 @@ def test_best_json_round_trips_and_a_newer_one_is_refused(tmp_path):
         rundir.read_best(tmp_path)
     with pytest.raises(FinetuneError, match="--checkpoint best: .* has no best checkpoint"):
         rundir.choose_checkpoint(tmp_path / "elsewhere", "best")
+
+
+@pytest.mark.slow
+def test_a_run_without_validation_passes_says_so_once(dataset, standin_checkpoint, tmp_path):
+    result = train(_config(dataset, tmp_path / "run", standin_checkpoint, steps=2, eval_every=0))
+    said = [w for w in result.warnings if w.startswith("no validation passes")]
+    assert len(said) == 1 and "not calibrated" in said[0]
+    assert result.calibration is None and result.best_step is None
+    assert not (tmp_path / "run" / "best").exists() and not (tmp_path / "run" / "calibration.json").exists()
