@@ -459,14 +459,16 @@ def calibrate_run(train_dir: str | Path, batch_size: int = 50) -> dict:
 
 def _add_calibration(evaluation: Evaluation, probabilities, labels, train_dir: Path | None, report: Path) -> None:
     """The ECE, and for a train dir's checkpoint the temperature (fitted here on the validation split, else
-    the one recorded for the step) with the ECE it gives, and the reliability diagram."""
+    the one training recorded for the step) with the ECE it gives, and the reliability diagram."""
     from finetune import calibration
 
     evaluation.ece = calibration.expected_calibration_error(probabilities, labels)
     curves = {f"as is: ECE {evaluation.ece:.3f}": (probabilities, labels)}
     fit = None
     if train_dir is not None and evaluation.split == "validation":
-        fit = fit_and_record(train_dir, probabilities, labels, evaluation.global_step)
+        # Fitted and reported, not recorded: what export folds in is what training recorded for the step.
+        temperature = calibration.fit_temperature(calibration.log_probabilities(probabilities), labels)
+        fit = {"temperature": temperature}
     elif train_dir is not None:
         fit = rundir.read_calibration(train_dir, evaluation.global_step)
     if fit:

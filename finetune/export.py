@@ -175,7 +175,7 @@ def _temperature(train_dir: Path, step: int | None) -> float | None:
     fit = rundir.read_calibration(train_dir, step)
     if fit is None:
         log.warning(f"no temperature fitted for step {step} of {train_dir}: exporting uncalibrated probabilities; "
-                    f"fit one with `finetune evaluate --train-dir {train_dir} --split validation` (with the same "
-                    "--checkpoint), or pass --no-calibrate to silence this")  # fmt: skip
+                    "training fits one for the checkpoint it ends on when it has validation passes; pass "
+                    "--no-calibrate to silence this")  # fmt: skip
         return None
     return float(fit["temperature"])

@@ -345,8 +345,8 @@ def _read_calibration_file(train_dir: Path) -> dict[str, dict[str, Any]]:
             if not float(fit["temperature"]) > 0:
                 raise ValueError(f"temperature {fit['temperature']}")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FinetuneError(f"{path} is unreadable or corrupt ({exc}); remove it, then run "
-                            f"`finetune evaluate --train-dir {train_dir} --split validation` to fit it again") from None  # fmt: skip
+        raise FinetuneError(f"{path} is unreadable or corrupt ({exc}); remove it (export then leaves the "
+                            "probabilities uncalibrated)") from None  # fmt: skip
     if isinstance(version, int) and version > CALIBRATION_FORMAT_VERSION:
         raise FinetuneError(f"{path} is format version {version}, newer than this finetune ({__version__}) reads "
                             f"(up to {CALIBRATION_FORMAT_VERSION}); upgrade finetune to use this run")  # fmt: skip

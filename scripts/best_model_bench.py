@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune import cli
+from finetune import cli, rundir
 from finetune.config import EvaluateConfig, TrainConfig
 from finetune.evaluate import evaluate
 from finetune.synthetic import make_image_folder
@@ -73,6 +73,8 @@ def make_dataset(work: Path, image_size: int) -> Path:
 
 def scores(train_dir: Path, split: str, which: str) -> dict:
     result = evaluate(EvaluateConfig(train_dir=str(train_dir), split=split, checkpoint=which, mistakes=0))
+    if split == "validation":  # evaluate fits T on validation; record it so that the test split applies it
+        rundir.write_calibration(train_dir, result.global_step, {"temperature": result.temperature})
     confidences = np.array([p.confidence for p in result.predictions])
     correct = np.array([p.label == p.predicted for p in result.predictions], float)
     return {"step": result.global_step, "top1": result.top1, "ece": expected_calibration_error(confidences, correct),

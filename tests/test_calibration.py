@@ -43,18 +43,21 @@ def test_ece_of_a_hand_made_case():
 
 
 @pytest.mark.slow
-def test_evaluate_fits_and_export_folds_the_temperature(trained_run, tmp_path):
+def test_the_run_s_temperature_is_reported_by_evaluate_and_folded_by_export(trained_run, tmp_path):
     from finetune.compat import tf
     from finetune.config import EvaluateConfig, ExportConfig
-    from finetune.evaluate import evaluate
+    from finetune.evaluate import calibrate_run, evaluate
     from finetune.export import export
 
     train_dir = tmp_path / "run"
     shutil.copytree(trained_run.train_dir, train_dir)
+    fit = calibrate_run(train_dir)  # what `finetune train` runs at the end of a run with validation passes
+    temperature = fit["temperature"]
+    recorded = json.loads((train_dir / "calibration.json").read_text())["fits"][str(fit["step"])]
+    assert recorded["temperature"] == temperature
     evaluation = evaluate(EvaluateConfig(train_dir=str(train_dir), split="validation"))
-    temperature = evaluation.temperature
-    recorded = json.loads((train_dir / "calibration.json").read_text())["fits"][str(evaluation.global_step)]
-    assert recorded["temperature"] == temperature and recorded["ece_after"] == evaluation.ece_calibrated
+    assert evaluation.temperature == pytest.approx(temperature) and recorded["ece_after"] == pytest.approx(
+        evaluation.ece_calibrated)  # fmt: skip
     # The fit minimises the NLL (T = 1 among the candidates); ECE on 17 examples may go either way.
     assert recorded["nll_after"] <= recorded["nll_before"] + 1e-9 and evaluation.ece is not None
     assert (train_dir / "calibration-validation.png").stat().st_size > 0
