@@ -181,10 +181,17 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
         if tables.validation is not None:
             validation_values = tf.compat.v1.placeholder(tf.float32, tables.validation.shape)
             validation_table = tf.compat.v1.Variable(validation_values, trainable=False, collections=local)
-            hits = tf.equal(tf.argmax(head(validation_table, training=False), 1), tables.validation_labels)
+            validation_logits = head(validation_table, training=False)
+            hits = tf.equal(tf.argmax(validation_logits, 1), tables.validation_labels)
             validation_accuracy = tf.reduce_mean(tf.cast(hits, tf.float64))
             feeds[validation_table.initializer] = {validation_values: tables.validation}
             validate = lambda session: float(session.run(validation_accuracy))  # noqa: E731
+            validation_loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tables.validation_labels, logits=validation_logits))  # fmt: skip
+
+            def validation_metrics(session) -> dict[str, float]:
+                accuracy, loss = session.run([validation_accuracy, validation_loss])
+                return {"accuracy": float(accuracy), "loss": float(loss)}
 
         def initialize(session) -> None:
             for initializer, feed in feeds.items():
@@ -198,4 +205,5 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
         graph=graph, train_op=train_op, loss=loss, accuracy=accuracy, learning_rate=learning_rate,
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
         validate=validate, random_ops=random_ops, initialize=initialize,
+        validation_metrics=validation_metrics if validate else None,
     )  # fmt: skip

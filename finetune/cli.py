@@ -165,6 +165,13 @@ def _run_train(config: Any, args: argparse.Namespace) -> int:
                   f"{len(search['candidates'])} settings on held-out training images in {search['seconds']:.1f} s")  # fmt: skip
         if result.validation_accuracy is not None:
             print(f"validation accuracy {result.validation_accuracy:.4f}")
+        if result.best_step is not None:
+            print(f"best: step {result.best_step}, validation {result.best_metric} {result.best_value:.4f} "
+                  f"({result.best_checkpoint}; evaluate and export take it by default)")  # fmt: skip
+        if result.calibration:
+            fit = result.calibration
+            print(f"calibration: temperature {fit['temperature']:.3f}; validation ECE {fit['ece_before']:.4f} -> "
+                  f"{fit['ece_after']:.4f} ({fit['reliability_png']})")  # fmt: skip
         if not result.pretrained:
             print("not pretrained: these weights started from random values (--checkpoint none)")
         print(f"checkpoint: {result.checkpoint}")
@@ -177,6 +184,8 @@ def _print_evaluation(evaluation: Any) -> None:
 
     console = Console(file=sys.stdout, highlight=False)
     where = f"step {evaluation.global_step}" if evaluation.global_step is not None else evaluation.source
+    if getattr(evaluation, "checkpoint_choice", None):
+        where = f"the {evaluation.checkpoint_choice} checkpoint"
     line = f"{evaluation.split}: top-1 {evaluation.top1:.4f}"
     if evaluation.top5 is not None:
         line += f", top-5 {evaluation.top5:.4f}"
@@ -193,6 +202,11 @@ def _print_evaluation(evaluation: Any) -> None:
         print("most confident mistakes:")
         for mistake in evaluation.most_confident_mistakes:
             print(f"  {mistake.path}: {mistake.label} taken for {mistake.predicted} ({mistake.confidence:.3f})")
+    if getattr(evaluation, "ece", None) is not None:
+        calibrated = (f"; with temperature {evaluation.temperature:.3f}: {evaluation.ece_calibrated:.4f}"
+                      if evaluation.temperature else "")  # fmt: skip
+        print(f"calibration error (ECE, 15 bins): {evaluation.ece:.4f}{calibrated}; "
+              f"reliability diagram: {evaluation.reliability_png}")  # fmt: skip
     print(f"report: {evaluation.report}\nconfusion matrix: {evaluation.confusion_png}")
     if evaluation.html:
         print(f"html report: {evaluation.html} ({evaluation.html_bytes / 1024:,.0f} KiB, built in "
@@ -225,6 +239,10 @@ def _run_export(config: Any, args: argparse.Namespace) -> int:
             if path != result.model:
                 quantized = f", --quantize {result.quantize}" if kind == "tflite" and result.quantize != "none" else ""
                 print(f"{kind}: {path} ({result.sizes[kind] / 2**20:.1f} MiB{quantized})")
+        if result.checkpoint_choice:
+            print(f"checkpoint: the {result.checkpoint_choice} one")
+        if result.temperature:
+            print(f"probabilities calibrated: softmax(logits / {result.temperature:.3f}); logits unchanged")
         print(f"labels: {result.labels}; sidecar: {result.sidecar}")
         if result.saved_model:
             print(f"SavedModel: {result.saved_model}")

@@ -267,6 +267,15 @@ class TrainConfig:
     worker_timeout: float = option(
         300.0, help="with TF_CONFIG (several workers): seconds to wait for a silent worker before stopping"
     )
+    # None: accuracy, when there are validation passes; the best pass's checkpoint is kept in TRAIN_DIR/best/.
+    select_by: str | None = option(
+        None, help="validation metric that picks the best checkpoint, kept apart from rotation "
+        "(default: accuracy)", choices=("accuracy", "loss"),
+    )  # fmt: skip
+    # None: train to the end; Keras's and timm's patience is counted in validation passes, as here.
+    early_stop: int | None = option(
+        None, help="stop after this many validation passes without improvement (default: off)", metavar="N"
+    )
 
     def __post_init__(self) -> None:
         checks = [  # (holds, flag, value, problem)
@@ -294,6 +303,7 @@ class TrainConfig:
             (self.eval_every is None or self.eval_every >= 0, "--eval-every", self.eval_every,
              "must be zero or more"),
             (self.save_minutes > 0, "--save-minutes", self.save_minutes, "must be positive"),
+            (self.early_stop is None or self.early_stop >= 1, "--early-stop", self.early_stop, "must be at least 1"),
             (self.augment_views >= 0, "--augment-views", self.augment_views, "must be zero or more"),
             (not (self.augment_views and self.augment is False), "--augment-views", self.augment_views,
              "caches augmented views, which --no-augment turns off; drop --no-augment or the views"),
@@ -319,7 +329,9 @@ TRAIN_OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     "feature cache": ("feature_cache", "augment_views", "cache_dir"),
     "devices and precision": ("device", "precision", "worker_timeout"),
-    "checkpoints and validation": ("save_every", "save_minutes", "keep_checkpoints", "eval_every"),
+    "checkpoints and validation": (
+        "save_every", "save_minutes", "keep_checkpoints", "eval_every", "select_by", "early_stop",
+    ),  # fmt: skip
 }
 
 
@@ -327,12 +339,15 @@ TRAIN_OPTION_GROUPS: dict[str, tuple[str, ...]] = {
 class EvaluateConfig:
     """`finetune evaluate`: measure a train dir's checkpoint or an exported .pb on a held-out split."""
 
-    train_dir: str | None = option(None, help="a training run: evaluates its newest checkpoint")
+    train_dir: str | None = option(None, help="a training run: evaluates its best checkpoint, or its newest")
     model: str | None = option(
         None, help="an exported model to evaluate instead of a train dir: .pb, SavedModel folder, .tflite or .onnx"
     )
     split: str = option("validation", help="which split", choices=("validation", "test", "train"))
-    checkpoint: str | None = option(None, help="a specific checkpoint of the train dir (default: the newest)")
+    checkpoint: str | None = option(
+        None, help="newest, best, or a checkpoint path (default: the best when the run kept one, else the newest)",
+        metavar="newest|best|PATH",
+    )  # fmt: skip
     dataset: str | None = option(None, help="dataset folder (default: the one the run or model was trained on)")
     batch_size: int = option(50, help="images per batch")
     # None: fp32 for a checkpoint; an exported .pb runs at the precision it was exported with.
@@ -366,7 +381,10 @@ class ExportConfig:
 
     train_dir: str = option(help="the training run to export")
     out: str | None = option(None, help="the .pb to write (default: TRAIN_DIR/model.pb); sidecars go beside it")
-    checkpoint: str | None = option(None, help="a specific checkpoint of the run (default: the newest)")
+    checkpoint: str | None = option(
+        None, help="newest, best, or a checkpoint path (default: the best when the run kept one, else the newest)",
+        metavar="newest|best|PATH",
+    )  # fmt: skip
     saved_model: str | None = option(None, help="also write a SavedModel (serving_default) into this new folder")
     # fp32 by default: a float32 .pb runs anywhere; a bf16 one is fast only on CPUs and GPUs with bfloat16.
     precision: str = option(
@@ -389,6 +407,10 @@ class ExportConfig:
         100, help="training images --quantize int8 calibrates on (a seeded random sample)", metavar="N"
     )
     calibration_seed: int = option(0, help="seed of the calibration sample", metavar="N")
+    # On: a user who thresholds "confidence > 0.9" gets probabilities that mean it; argmax is unchanged.
+    calibrate: bool = option(
+        True, help="fold the temperature fitted on the validation split into `probabilities` (see model.json)"
+    )
 
     def __post_init__(self) -> None:
         check_precision(self.precision)

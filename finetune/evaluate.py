@@ -81,6 +81,11 @@ class Evaluation:
     html_seconds: float | None = None  # time spent building it (pictures, Grad-CAM, curves)
     expected_calibration_error: float | None = None  # 15 equal-width confidence bins
     runtime: str | None = None  # what ran an exported .tflite or .onnx (LiteRT, onnxruntime), with its version
+    checkpoint_choice: str | None = None  # which of a train dir's checkpoints: "best (step 40, ...)", "newest (...)"
+    ece: float | None = None  # expected calibration error of the probabilities as they are (15 bins)
+    temperature: float | None = None  # the run's fitted temperature for this checkpoint (fitted here on validation)
+    ece_calibrated: float | None = None  # the ECE of softmax(logits / temperature)
+    reliability_png: str | None = None
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -353,12 +358,13 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         else:
             build, restore = frozen_source(Path(config.model), heat_maps=config.html)
     else:
-        source = checkpoint or config.checkpoint or rundir.newest_checkpoint(train_dir)
-        if not source:
-            raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
+        chosen = rundir.choose_checkpoint(train_dir, checkpoint or config.checkpoint)
+        source = chosen.path
         compute = precision.resolve(config.precision or "fp32")
         used = compute.precision
         build, restore = checkpoint_source(source, len(classes), compute.dtype, heat_maps=config.html)
+        if chosen.which != "given":
+            log.info(f"evaluating the {chosen.which} checkpoint: {source}")
     extras: dict = {}
     with closing:
         probabilities, labels, paths, seconds = predict_split(
@@ -384,6 +390,8 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         runtime=runtime,
         **scores,
     )
+    evaluation.checkpoint_choice = None if config.model else chosen.which
+    _add_calibration(evaluation, probabilities, labels, train_dir, report)
     png = report.with_suffix(".png")
     evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
     evaluation.report = str(report)
@@ -491,3 +499,66 @@ def _interrupts_held():
 
 def _training_finished(train_dir: Path, step: int | None) -> bool:
     return step is not None and step >= rundir.read_run_config(train_dir).total_steps
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def fit_and_record(train_dir: Path, probabilities: np.ndarray, labels: np.ndarray, step: int | None) -> dict:
+    """Fits the temperature on a checkpoint's validation probabilities; records it and draws the reliability
+    diagram (calibration-validation.png) in the train dir. Returns what calibration.json holds for the step."""
+    from finetune import calibration
+
+    logits = calibration.log_probabilities(probabilities)
+    temperature = calibration.fit_temperature(logits, labels)
+    calibrated = calibration.softmax(logits, temperature)
+    fit = {
+        "temperature": temperature, "split": "validation", "examples": int(len(labels)),
+        "ece_before": calibration.expected_calibration_error(probabilities, labels),
+        "ece_after": calibration.expected_calibration_error(calibrated, labels),
+        "nll_before": calibration.negative_log_likelihood(logits, labels),
+        "nll_after": calibration.negative_log_likelihood(logits, labels, temperature),
+    }  # fmt: skip
+    rundir.write_calibration(train_dir, step, fit)
+    png = calibration.draw_reliability({
+        f"as trained: ECE {fit['ece_before']:.3f}": (probabilities, labels),
+        f"temperature {temperature:.2f}: ECE {fit['ece_after']:.3f}": (calibrated, labels),
+    }, train_dir / "calibration-validation.png")  # fmt: skip
+    return {**fit, "step": step, "reliability_png": str(png)}
+
+
+def calibrate_run(train_dir: str | Path, batch_size: int = 50) -> dict:
+    """Fits and records the temperature of the checkpoint evaluate and export take by default (the best, else
+    the newest) on the run's validation split; ``finetune train`` calls it at the end of a run."""
+    from finetune.dataset import load_dataset
+
+    train_dir = Path(train_dir)
+    run = rundir.read_run_config(train_dir)
+    info = load_dataset(run.dataset, flag="--dataset")
+    chosen = rundir.choose_checkpoint(train_dir, None)
+    build, restore = checkpoint_source(chosen.path, len(run.classes))
+    probabilities, labels, _, _ = predict_split(info, "validation", batch_size, run.image_size, build, restore)
+    return fit_and_record(train_dir, probabilities, labels, chosen.step)
+
+
+def _add_calibration(evaluation: Evaluation, probabilities, labels, train_dir: Path | None, report: Path) -> None:
+    """The ECE, and for a train dir's checkpoint the temperature (fitted here on the validation split, else
+    the one training recorded for the step) with the ECE it gives, and the reliability diagram."""
+    from finetune import calibration
+
+    evaluation.ece = calibration.expected_calibration_error(probabilities, labels)
+    curves = {f"as is: ECE {evaluation.ece:.3f}": (probabilities, labels)}
+    fit = None
+    if train_dir is not None and evaluation.split == "validation":
+        # Fitted and reported, not recorded: what export folds in is what training recorded for the step.
+        temperature = calibration.fit_temperature(calibration.log_probabilities(probabilities), labels)
+        fit = {"temperature": temperature}
+    elif train_dir is not None:
+        fit = rundir.read_calibration(train_dir, evaluation.global_step)
+    if fit:
+        calibrated = calibration.softmax(calibration.log_probabilities(probabilities), fit["temperature"])
+        evaluation.temperature = fit["temperature"]
+        evaluation.ece_calibrated = calibration.expected_calibration_error(calibrated, labels)
+        curves[f"temperature {fit['temperature']:.2f}: ECE {evaluation.ece_calibrated:.3f}"] = (calibrated, labels)
+    png = report.with_name(report.stem + "-reliability.png")
+    evaluation.reliability_png = str(calibration.draw_reliability(curves, png))

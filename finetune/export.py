@@ -9,7 +9,8 @@ entry points into one network:
   graph, so any TensorFlow client can send raw files.
 
 Outputs: ``probabilities`` [N, C] and ``logits`` [N, C]; slim's usual ``InceptionV3/Predictions/Reshape_1``
-names the probabilities too.
+names the probabilities too. By default (``--calibrate``) ``probabilities`` is softmax(logits / T) with the
+temperature fitted on the validation split; slim's node then keeps the network's own, uncalibrated softmax.
 
 ``--format`` adds other files of the same network, each converted from the frozen graph's ``input`` path (the
 decoding branch is cut off: those runtimes get preprocessed images, as model.json says):
@@ -36,6 +37,8 @@ from finetune.errors import FinetuneError
 from finetune.modelfile import IMAGE_BYTES, INPUT, LOGITS, PROBABILITIES, SLIM_OUTPUT
 from finetune.network import EVAL_CENTRAL_FRACTION
 
+log = logging.getLogger("finetune")
+
 
 @dataclass
 class ExportResult:
@@ -52,6 +55,8 @@ class ExportResult:
     files: dict[str, str] = field(default_factory=dict)  # format -> the file (or folder) written
     sizes: dict[str, int] = field(default_factory=dict)  # format -> bytes
     quantize: str = "none"
+    checkpoint_choice: str | None = None  # "best (step 40, validation accuracy 0.9300)", "newest (step 60)", "given"
+    temperature: float | None = None  # folded into `probabilities` (--calibrate); None: uncalibrated
 
 
 # ONNX opset the .onnx is written at: 17 is read by onnxruntime 1.14 and later and covers every op of this graph.
@@ -59,10 +64,13 @@ ONNX_OPSET = 17
 ONNX_INSTALL = "pip install 'finetune[onnx]'"
 
 
-def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32"):
+def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32",
+                        temperature: float | None = None):  # fmt: skip
     """Builds the inference network with both entry points in the current graph; returns the outputs.
 
-    ``input`` and the outputs are float32 whatever ``compute_dtype``; a 16-bit graph casts inside.
+    ``input`` and the outputs are float32 whatever ``compute_dtype``; a 16-bit graph casts inside. With a
+    ``temperature``, ``probabilities`` is softmax(logits / temperature) (calibrated; the same argmax) while
+    ``logits`` and slim's own output node stay the network's.
     """
     from finetune import model
     from finetune.compat import tf
@@ -78,7 +86,8 @@ def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = 
     # Feeding `input` cuts the decoding branch off; feeding `image_bytes` computes `input` from the files.
     images = tf.compat.v1.placeholder_with_default(decoded, [None, image_size, image_size, 3], name=INPUT)
     net = model.build(images, num_classes, compute_dtype=compute_dtype)
-    probabilities = tf.identity(net.probabilities, name=PROBABILITIES)
+    scores = net.probabilities if temperature is None else tf.nn.softmax(net.logits / temperature)
+    probabilities = tf.identity(scores, name=PROBABILITIES)
     logits = tf.identity(net.logits, name=LOGITS)
     graph = tf.compat.v1.get_default_graph()
     if SLIM_OUTPUT not in {op.name for op in graph.get_operations()}:
@@ -279,10 +288,8 @@ def export(config: ExportConfig) -> ExportResult:
     train_dir = Path(config.train_dir)
     run = rundir.read_run_config(train_dir)
     classes, image_size = list(run.classes), run.image_size
-    checkpoint_path = config.checkpoint or rundir.newest_checkpoint(train_dir)
-    if not checkpoint_path:
-        raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
-    checkpoint = model.open_checkpoint(checkpoint_path)
+    chosen = rundir.choose_checkpoint(train_dir, config.checkpoint)
+    checkpoint = model.open_checkpoint(chosen.path)
     out = Path(config.out) if config.out else train_dir / "model.pb"
     if out.suffix != ".pb":
         raise FinetuneError(
@@ -296,8 +303,9 @@ def export(config: ExportConfig) -> ExportResult:
     # The type is frozen into the graph, not chosen per machine: bf16 is bfloat16 wherever the .pb runs.
     bf16 = config.precision == "bf16"
     compute_dtype = precision.BFLOAT16 if bf16 else precision.FLOAT32
+    temperature = _temperature(train_dir, chosen.step) if config.calibrate else None
     with tf.Graph().as_default() as graph:
-        build_serving_graph(len(classes), image_size, compute_dtype)
+        build_serving_graph(len(classes), image_size, compute_dtype, temperature)
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
         saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
@@ -329,13 +337,14 @@ def export(config: ExportConfig) -> ExportResult:
         pretrained_from=run.checkpoint,
         others=others,
         saved_model=_saved_model_writer(frozen) if "saved_model" in formats else None,
+        temperature=temperature,
     )
-    if config.saved_model:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-        modelfile.write_saved_model(Path(config.saved_model), _saved_model_writer(frozen), sidecar, replace=False)
     files = {kind: str(out.with_suffix(modelfile.SUFFIXES[kind])) for kind in formats}
-    sizes = {kind: _size(Path(path)) for kind, path in files.items()}
     main = "pb" if "pb" in formats else formats[0]
+    if config.saved_model:
+        sidecar = modelfile.read_model(files[main]).values
+        modelfile.write_saved_model(Path(config.saved_model), _saved_model_writer(frozen), sidecar, replace=False)
+    sizes = {kind: _size(Path(path)) for kind, path in files.items()}
     return ExportResult(
         model=files[main],
         labels=str(labels_path),
@@ -350,6 +359,8 @@ def export(config: ExportConfig) -> ExportResult:
         files=files,
         sizes=sizes,
         quantize=config.quantize,
+        checkpoint_choice=chosen.which,
+        temperature=temperature,
     )
 
 
@@ -357,3 +368,16 @@ def _size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return path.stat().st_size
+
+
+def _temperature(train_dir: Path, step: int | None) -> float | None:
+    """The temperature fitted for the exported step, or None (with a warning) when none was."""
+    from finetune import rundir
+
+    fit = rundir.read_calibration(train_dir, step)
+    if fit is None:
+        log.warning(f"no temperature fitted for step {step} of {train_dir}: exporting uncalibrated probabilities; "
+                    "training fits one for the checkpoint it ends on when it has validation passes; pass "
+                    "--no-calibrate to silence this")  # fmt: skip
+        return None
+    return float(fit["temperature"])

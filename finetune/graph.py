@@ -51,6 +51,8 @@ class TrainingGraph:
     validate: Callable[[tf.compat.v1.Session], float] | None  # validation accuracy; None without the split
     random_ops: list[tuple[tf.Tensor, dict]]  # stateful random ops of a step, each with a feed that runs it alone
     initialize: Callable[[tf.compat.v1.Session], None] = lambda session: None  # after the variables: tables, input
+    # Validation accuracy and mean cross-entropy (no smoothing, weights or decay): {"accuracy", "loss"}.
+    validation_metrics: Callable[[tf.compat.v1.Session], dict[str, float]] | None = None
 
 
 def build_training_graph(plan: Plan, start_step: int, tables: FeatureTables | None = None,
@@ -170,7 +172,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, all_labels), tf.float32))
         loss = tf.add_n(tower_losses) / float(towers)
 
-        validate = None
+        validate = validation = None
         if plan.eval_every:
             with tf.device("/cpu:0"):
                 val_iterator = tf.compat.v1.data.make_initializable_iterator(
@@ -184,7 +186,9 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
                 correct = tf.reduce_sum(
                     tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64)
                 )
-            validation = (val_iterator.initializer, correct, tf.size(val_batch["label"]))
+                loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=val_batch["label"], logits=tf.cast(val_net.logits, tf.float32)))  # fmt: skip
+            validation = (val_iterator.initializer, correct, tf.size(val_batch["label"]), loss_sum)
             validate = functools.partial(_validate, validation=validation)
 
         zero_head = zero_head_ops(plan)
@@ -194,6 +198,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         graph=graph, train_op=train_op, loss=loss, accuracy=accuracy, learning_rate=learning_rate,
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
         validate=validate, random_ops=random_ops,
+        validation_metrics=functools.partial(validation_metrics, validation=validation) if validation else None,
     )  # fmt: skip
 
 
@@ -233,16 +238,24 @@ def session_config(plan: Plan):
 
 
 def _validate(session, validation: tuple) -> float:
+    return validation_metrics(session, validation)["accuracy"]
+
+
+def validation_metrics(session, validation: tuple) -> dict[str, float]:
+    """One pass over the validation split: accuracy and mean cross-entropy."""
     from finetune.compat import tf
 
-    initializer, correct_op, count_op = validation
+    initializer, correct_op, count_op, loss_op = validation
     session.run(initializer)
     correct = total = 0
+    loss = 0.0
     while True:
         try:
-            batch_correct, batch_count = session.run([correct_op, count_op])
+            batch_correct, batch_count, batch_loss = session.run([correct_op, count_op, loss_op])
         except tf.errors.OutOfRangeError:
             break
         correct += int(batch_correct)
         total += int(batch_count)
-    return correct / total if total else float("nan")
+        loss += float(batch_loss)
+    nan = float("nan")
+    return {"accuracy": correct / total if total else nan, "loss": loss / total if total else nan}

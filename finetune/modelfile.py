@@ -242,6 +242,7 @@ def write_model(
     pretrained_from: str | None,
     others: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
     saved_model: Callable[[Path], None] | None = None,
+    temperature: float | None = None,
 ) -> tuple[Path, Path]:
     """Writes the model files of one export and their two sidecars; returns (labels path, model.json path).
 
@@ -269,7 +270,7 @@ def write_model(
     sidecar = _description(classes=classes, image_size=image_size, precision=precision,
                            compute_dtype=compute_dtype, checkpoint=checkpoint, global_step=global_step,
                            dataset=dataset, dataset_fingerprint=dataset_fingerprint,
-                           pretrained_from=pretrained_from)  # fmt: skip
+                           pretrained_from=pretrained_from, temperature=temperature)  # fmt: skip
     sidecar["formats"] = {**_earlier_formats(out, sidecar), **formats}
     files = []
     if graph is not None:
@@ -348,6 +349,7 @@ def _description(
     dataset: str,
     dataset_fingerprint: str,
     pretrained_from: str | None,
+    temperature: float | None,
 ) -> dict[str, Any]:
     """model.json's contents, but for ``formats``."""
     return {
@@ -376,6 +378,8 @@ def _description(
         "dataset": dataset,
         "dataset_fingerprint": dataset_fingerprint,
         "pretrained_from": pretrained_from,
+        # probabilities = softmax(logits / temperature), fitted on the validation split; None: uncalibrated.
+        "temperature": temperature,
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "finetune_version": __version__,
     }

@@ -70,6 +70,8 @@ class Plan:
     lr_search_result: dict | None = None  # what the search tried and chose (finetune/lr_search.py)
     finetune_version: str = __version__
     workers: int = 1  # processes training together (TF_CONFIG, finetune/cluster.py); batch_size is per worker
+    select_by: str | None = None  # the validation metric that picks the best checkpoint; None without validation
+    early_stop: int | None = None  # validation passes without improvement before the run stops; None: off
 
 
 def _feature_cache_decision(
@@ -233,6 +235,8 @@ def plan_training(config: TrainConfig) -> Plan:
     search = _lr_search_decision(config, use_cache)
     eval_every, save_every = _cadence(config, run, use_cache)
     learning_rate = config.learning_rate or DEFAULT_LEARNING_RATES[config.optimizer][depth]
+    validates = bool(eval_every and info.split_counts.get("validation"))
+    _check_selection(config, validates)
     derived = list(run.notes)
     if config.learning_rate is None:
         source = "the search chooses from a grid around it" if search == "on" else f"{config.optimizer} on {depth}"
@@ -276,4 +280,17 @@ def plan_training(config: TrainConfig) -> Plan:
         eval_every=eval_every if info.split_counts.get("validation") else 0,
         derived=tuple(derived),
         workers=workers,
+        select_by=(config.select_by or "accuracy") if validates else None,
+        early_stop=config.early_stop,
     )
+
+
+def _check_selection(config: TrainConfig, validates: bool) -> None:
+    """Refuses --early-stop and --select-by when the run has no validation passes to count or compare."""
+    if validates:
+        return
+    why = ("--eval-every 0 turns validation passes off" if config.eval_every == 0 else
+           f"{config.dataset} has no validation split; rebuild it with --validation-fraction above 0")  # fmt: skip
+    for flag, value in (("--early-stop", config.early_stop), ("--select-by", config.select_by)):
+        if value is not None:
+            raise FinetuneError(f"{flag} {value}: needs validation passes, but {why}")

@@ -6,6 +6,8 @@ A train dir holds what ``finetune train`` writes::
     checkpoint                  TensorFlow's list of the checkpoints kept, newest last
     model.ckpt-<step>[.meta]    checkpoints, named by the global step they hold
     events.out.tfevents.*       TensorBoard events
+    best/                       the best validation pass's checkpoint and best.json (see below)
+    calibration.json/.png       the temperature fitted on the validation split, its reliability diagram
     eval-<split>.json/.png      reports of `finetune evaluate --train-dir`
 
 config.json versions: 1 is every file written so far (files from before the version field count as 1).
@@ -31,7 +33,8 @@ CHECKPOINT_STATE = "checkpoint"  # TensorFlow's own name for its list of checkpo
 FORMAT_VERSION = 1
 _VERSION_KEY = "format_version"
 # What a run writes; --overwrite removes these and nothing else.
-_RUN_FILES = ("checkpoint", f"{CHECKPOINT_NAME}-*", "events.out.tfevents.*", CONFIG_FILE, "eval-*.json")
+_RUN_FILES = ("checkpoint", f"{CHECKPOINT_NAME}-*", "events.out.tfevents.*", CONFIG_FILE, "eval-*.json", "best",
+              "calibration.json", "calibration-*.png")
 
 
 @dataclass(frozen=True)
@@ -190,3 +193,181 @@ def checkpoint_step(path: str | Path) -> int | None:
     """The global step in a checkpoint's name (``model.ckpt-120`` -> 120), or None when it has none."""
     head, dash, tail = str(path).rpartition("-")
     return int(tail) if dash and head and tail.isdigit() else None
+
+
+# ----------------------------------------------------------------------------------- the best checkpoint
+#
+# A run with validation passes keeps the checkpoint of its best pass in TRAIN_DIR/best/, apart from the
+# newest K that rotation deletes, and records it in best/best.json:
+#
+#     {"format_version": 1, "metric": "accuracy", "step": 40, "value": 0.93,
+#      "checkpoint": "model.ckpt-40", "passes": [[10, 0.8], [20, 0.9], ...], "stopped_early": false}
+#
+# ``passes`` is every validation pass so far (step, value): a resumed run counts passes without improvement
+# from it. best.json is written after its checkpoint and before older best checkpoints are removed, so an
+# interrupted save leaves the previous best in place and named.
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+BEST_FORMAT_VERSION = 1
+SELECTION_METRICS = ("accuracy", "loss")  # validation accuracy (higher is better) or loss (lower is better)
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best validation pass of a run so far, and where its checkpoint is."""
+
+    metric: str  # "accuracy" or "loss"
+    step: int
+    value: float
+    checkpoint: str  # the checkpoint prefix, absolute
+    passes: tuple[tuple[int, float], ...]  # every validation pass: (step, value)
+    stopped_early: bool = False
+
+
+def best_prefix(train_dir: str | Path) -> str:
+    """What the best checkpoint's Saver is given: ``best/model.ckpt`` (the step is appended)."""
+    return str(Path(train_dir) / BEST_DIR / CHECKPOINT_NAME)
+
+
+def improves(metric: str, value: float, best: float | None) -> bool:
+    """Whether a validation pass beats the best so far (strictly: the earlier of two equal passes stays)."""
+    if best is None:
+        return value == value  # anything but NaN
+    return value > best if metric == "accuracy" else value < best
+
+
+def read_best(train_dir: str | Path) -> Best | None:
+    """The run's best checkpoint as best/best.json records it, or None when the run has none.
+
+    Raises:
+        FinetuneError: a best.json that is unreadable, of another shape, or of a newer format version.
+    """
+    path = Path(train_dir) / BEST_DIR / BEST_FILE
+    if not path.is_file():
+        return None
+    fix = f"remove {path.parent} (the run's newest checkpoints stay usable with --checkpoint newest)"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        version = values.get("format_version", 1)
+        if isinstance(version, int) and version > BEST_FORMAT_VERSION:
+            raise FinetuneError(
+                f"{path} is format version {version}, newer than this finetune ({__version__}) reads "
+                f"(up to {BEST_FORMAT_VERSION}); upgrade finetune to use this run"
+            )
+        if values["metric"] not in SELECTION_METRICS:
+            raise ValueError("metric")
+        return Best(
+            metric=values["metric"],
+            step=int(values["step"]),
+            value=float(values["value"]),
+            checkpoint=str(path.parent / values["checkpoint"]),
+            passes=tuple((int(s), float(v)) for s, v in values.get("passes", [])),
+            stopped_early=bool(values.get("stopped_early", False)),
+        )
+    except FinetuneError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FinetuneError(f"{path} is unreadable or corrupt ({exc}); {fix}") from None
+
+
+def write_best(train_dir: str | Path, best: Best) -> Path:
+    """Records the best checkpoint (atomically), then removes the best checkpoints it replaced."""
+    folder = Path(train_dir) / BEST_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    name = Path(best.checkpoint).name
+    document = {
+        "format_version": BEST_FORMAT_VERSION, "metric": best.metric, "step": best.step, "value": best.value,
+        "checkpoint": name, "passes": [list(p) for p in best.passes], "stopped_early": best.stopped_early,
+    }  # fmt: skip
+    path = folder / BEST_FILE
+    write_text_atomically(path, json.dumps(document, indent=2) + "\n")
+    for old in folder.glob(f"{CHECKPOINT_NAME}-*"):
+        if old.name.split(".")[1] != name.split(".")[1]:  # "ckpt-<step>..." of another step
+            old.unlink()
+    return path
+
+
+@dataclass(frozen=True)
+class ChosenCheckpoint:
+    """The checkpoint evaluate or export takes from a train dir, and a phrase saying which it is."""
+
+    path: str
+    step: int | None
+    which: str  # e.g. "best (step 40, validation accuracy 0.9300)", "newest (step 60)", "given"
+
+
+def choose_checkpoint(train_dir: str | Path, choice: str | None, flag: str = "--checkpoint") -> ChosenCheckpoint:
+    """Resolves ``--checkpoint newest|best|PATH`` (None: the best when the run has one, else the newest).
+
+    Raises:
+        FinetuneError: ``best`` for a run without one, or a run with no checkpoint yet.
+    """
+    train_dir = Path(train_dir)
+    if choice not in (None, "newest", "best"):
+        return ChosenCheckpoint(choice, checkpoint_step(choice), "given")
+    best = read_best(train_dir) if choice != "newest" else None
+    if best is not None:
+        return ChosenCheckpoint(best.checkpoint, best.step,
+                                f"best (step {best.step}, validation {best.metric} {best.value:.4f})")  # fmt: skip
+    if choice == "best":
+        raise FinetuneError(
+            f"{flag} best: {train_dir} has no best checkpoint (it is kept only by runs with validation "
+            "passes); use --checkpoint newest"
+        )
+    newest = newest_checkpoint(train_dir)
+    if not newest:
+        raise FinetuneError(f"--train-dir {train_dir} holds no checkpoint yet; run `finetune train` first")
+    return ChosenCheckpoint(newest, checkpoint_step(newest), f"newest (step {checkpoint_step(newest)})")
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+#
+# calibration.json: per checkpoint step, the temperature fitted on the validation split's logits (see
+# finetune/calibration.py), with the expected calibration error before and after:
+#
+#     {"format_version": 1, "fits": {"40": {"temperature": 1.8, "step": 40, "split": "validation",
+#      "examples": 60, "ece_before": 0.12, "ece_after": 0.03, "nll_before": 0.9, "nll_after": 0.6}}}
+
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FORMAT_VERSION = 1
+
+
+def _read_calibration_file(train_dir: Path) -> dict[str, dict[str, Any]]:
+    path = train_dir / CALIBRATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        version = values.get("format_version", 1)
+        fits = values["fits"]
+        for fit in fits.values():
+            if not float(fit["temperature"]) > 0:
+                raise ValueError(f"temperature {fit['temperature']}")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FinetuneError(f"{path} is unreadable or corrupt ({exc}); remove it (export then leaves the "
+                            "probabilities uncalibrated)") from None  # fmt: skip
+    if isinstance(version, int) and version > CALIBRATION_FORMAT_VERSION:
+        raise FinetuneError(f"{path} is format version {version}, newer than this finetune ({__version__}) reads "
+                            f"(up to {CALIBRATION_FORMAT_VERSION}); upgrade finetune to use this run")  # fmt: skip
+    return fits
+
+
+def write_calibration(train_dir: str | Path, step: int | None, fit: dict[str, Any]) -> Path:
+    """Records the temperature fitted for one checkpoint step (atomically), beside those of other steps."""
+    train_dir = Path(train_dir)
+    fits = {**_read_calibration_file(train_dir), str(step): {**fit, "step": step}}
+    path = train_dir / CALIBRATION_FILE
+    document = {"format_version": CALIBRATION_FORMAT_VERSION, "fits": fits}
+    write_text_atomically(path, json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def read_calibration(train_dir: str | Path, step: int | None) -> dict[str, Any] | None:
+    """The temperature fitted for a checkpoint step (with its ECE before and after), or None.
+
+    Raises:
+        FinetuneError: a calibration.json that is unreadable, holds a temperature that is not positive, or is
+            of a newer format version.
+    """
+    return _read_calibration_file(Path(train_dir)).get(str(step))

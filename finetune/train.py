@@ -9,6 +9,7 @@ validates, saves and stops cleanly on Ctrl-C or a non-finite loss.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import resource
@@ -36,7 +37,7 @@ class TrainResult:
 
     train_dir: str
     checkpoint: str | None  # the newest checkpoint written or found
-    status: str  # "completed", "interrupted" or "already complete"
+    status: str  # "completed", "stopped early", "interrupted" or "already complete"
     start_step: int
     global_step: int
     total_steps: int
@@ -54,6 +55,13 @@ class TrainResult:
     weight_decay: float | None = None
     lr_search: dict | None = None  # when the rate was searched: what was tried, chosen, and how long it took
     warnings: list[str] = field(default_factory=list)
+    best_step: int | None = None  # the best validation pass's step (its checkpoint is kept in best/)
+    best_metric: str | None = None  # "accuracy" or "loss" (--select-by)
+    best_value: float | None = None
+    best_checkpoint: str | None = None
+    # The temperature fitted on the validation split for the checkpoint evaluate and export take, with the
+    # expected calibration error before and after (see finetune/calibration.py); None without validation.
+    calibration: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -135,13 +143,20 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         resume_from = rundir.prepare(train_dir, asdict(plan), config.overwrite, must_match=RESUME_MUST_MATCH)
     warnings = _start_warnings(plan, config, resume_from)
+    if not plan.eval_every:
+        warnings.append("no validation passes (no validation split, or --eval-every 0): no best checkpoint is kept "
+                        "and the probabilities are not calibrated")  # fmt: skip
     start_step = _global_step(resume_from) if resume_from else 0
     if cluster:
         cluster_mod.check_plan(cluster, plan, start_step)
     if start_step >= plan.total_steps:
         log.info(f"{train_dir} is already trained to step {start_step}; raise --steps or --epochs to go on")
-        return _result(plan, train_dir, _Outcome(resume_from, "already complete", start_step, start_step),
-                       started, warnings)  # fmt: skip
+        return _with_best(_result(plan, train_dir, _Outcome(resume_from, "already complete", start_step,
+                                                            start_step), started, warnings))  # fmt: skip
+    if resume_from and _stopped_early(train_dir):
+        log.info(f"{train_dir} stopped early at step {start_step}; pass --overwrite to train it again")
+        return _with_best(_result(plan, train_dir, _Outcome(resume_from, "already complete", start_step,
+                                                            start_step), started, warnings))  # fmt: skip
 
     tables = cached_features(plan, cluster) if plan.feature_cache else None
     if plan.feature_cache and cluster and not cluster.chief:  # its share is in the cache; the chief trains
@@ -168,7 +183,14 @@ def train(config: TrainConfig) -> TrainResult:
         raise
     result = _result(plan, train_dir, outcome, started, warnings)
     result.feature_cache = tables.report if tables else None
-    return result
+    if plan.eval_every and outcome.status in ("completed", "stopped early"):
+        from finetune.evaluate import calibrate_run
+
+        result.calibration = calibrate_run(train_dir)
+        log.info(f"calibration: temperature {result.calibration['temperature']:.3f} for step "
+                 f"{result.calibration['step']}; validation ECE {result.calibration['ece_before']:.4f} -> "
+                 f"{result.calibration['ece_after']:.4f}")  # fmt: skip
+    return _with_best(result)
 
 
 def _start_warnings(plan: Plan, config: TrainConfig, resume_from: str | None) -> list[str]:
@@ -223,6 +245,7 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
         writer = (tf.compat.v1.summary.FileWriter(str(train_dir), graph=None if resume_from else built.graph)
                   if chief else cluster_mod.NoWriter())  # fmt: skip
         last_save_step, last_save_time = start_step, time.monotonic()
+        keep_best = _KeepBest(plan, train_dir, start_step, resume_from) if plan.select_by else None
 
         def save() -> None:
             nonlocal last_save_step, last_save_time
@@ -255,9 +278,17 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
                 if step % 10 == 0 or step == plan.total_steps:
                     _scalar_summary(writer, step, {"loss": loss, "accuracy": accuracy, "learning_rate": rate})
                 if plan.eval_every and (step % plan.eval_every == 0 or step == plan.total_steps):
-                    outcome.validation_accuracy = built.validate(session)
-                    _scalar_summary(writer, step, {"validation_accuracy": outcome.validation_accuracy})
-                    log.info(f"step {step}: validation accuracy {outcome.validation_accuracy:.4f}")
+                    metrics = (built.validation_metrics(session) if built.validation_metrics
+                               else {"accuracy": built.validate(session), "loss": float("nan")})  # fmt: skip
+                    outcome.validation_accuracy = metrics["accuracy"]
+                    _scalar_summary(writer, step, {"validation_accuracy": metrics["accuracy"],
+                                                   "validation_loss": metrics["loss"]})  # fmt: skip
+                    log.info(f"step {step}: validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+                    if keep_best and keep_best.record(session, step, metrics):
+                        outcome.status = "stopped early"
+                        log.info(f"step {step}: stopping early, {plan.early_stop} validation passes without "
+                                 f"improvement since step {keep_best.best.step}")  # fmt: skip
+                        break
                 if step % plan.save_every == 0 or (time.monotonic() - last_save_time) / 60 >= plan.save_minutes:
                     save()
         if outcome.step != last_save_step or outcome.checkpoint is None:
@@ -307,3 +338,53 @@ def _result(plan: Plan, train_dir: Path, outcome: _Outcome, started: float, warn
         lr_search=plan.lr_search_result,
         warnings=warnings,
     )
+
+
+# ------------------------------------------------------------------------------------ keep the best, stop early
+
+
+class _KeepBest:
+    """Saves the checkpoint of each validation pass that beats the best so far into best/ and counts the
+    passes since; says when --early-stop's patience has run out. finetune/rundir.py owns what it writes."""
+
+    def __init__(self, plan: Plan, train_dir: Path, start_step: int, resume_from: str | None) -> None:
+        from finetune.compat import tf
+
+        # Every variable, as the regular checkpoints hold; rotation never reaches best/.
+        self.saver = tf.compat.v1.train.Saver(max_to_keep=None, save_relative_paths=True)
+        self.plan, self.train_dir = plan, train_dir
+        previous = rundir.read_best(train_dir) if resume_from else None
+        self.best = previous if previous and previous.metric == plan.select_by else None
+        self.passes = [p for p in self.best.passes if p[0] <= start_step] if self.best else []
+        self.stale = sum(1 for s, _ in self.passes if self.best and s > self.best.step)
+
+    def record(self, session, step: int, metrics: dict[str, float]) -> bool:
+        """Records a validation pass; returns True when the run should stop early."""
+        value = metrics[self.plan.select_by]
+        self.passes.append((step, value))
+        if rundir.improves(self.plan.select_by, value, self.best.value if self.best else None):
+            path = self.saver.save(session, rundir.best_prefix(self.train_dir), global_step=step,
+                                   write_meta_graph=False)  # fmt: skip
+            self.best = rundir.Best(self.plan.select_by, step, value, path, ())
+            self.stale = 0
+        else:
+            self.stale += 1
+        stop = bool(self.plan.early_stop) and self.stale >= self.plan.early_stop
+        if self.best is not None:
+            self.best = dataclasses.replace(self.best, passes=tuple(self.passes), stopped_early=stop)
+            rundir.write_best(self.train_dir, self.best)
+        return stop
+
+
+def _stopped_early(train_dir: Path) -> bool:
+    best = rundir.read_best(train_dir)
+    return bool(best and best.stopped_early)
+
+
+def _with_best(result: TrainResult) -> TrainResult:
+    """The result with the run's best validation pass, when it kept one."""
+    best = rundir.read_best(result.train_dir)
+    if best is not None:
+        result.best_step, result.best_metric, result.best_value = best.step, best.metric, best.value
+        result.best_checkpoint = best.checkpoint
+    return result
