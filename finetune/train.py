@@ -133,6 +133,9 @@ def train(config: TrainConfig) -> TrainResult:
     """Runs (or resumes) a fine-tuning run described by the config; see the module docstring."""
     started = time.monotonic()
     cluster = cluster_mod.from_environment(config.worker_timeout)  # a malformed TF_CONFIG stops here
+    if cluster and config.early_stop:  # the chief would stop alone and leave the others waiting on it
+        raise FinetuneError("--early-stop does not work across several workers yet (TF_CONFIG is set); drop "
+                            "--early-stop, or keep the best checkpoint with --select-by and stop the run by hand")
     if cluster:  # a port in use, or a worker that never starts, too: before any work
         cluster_mod.start(cluster)
         cluster_mod.wait_for_peers(cluster)
