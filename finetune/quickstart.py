@@ -298,7 +298,7 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
     start = "the pretrained checkpoint" if pretrained else "random weights, not pretrained"
     with stages.stage("train", f"the new head for {_length(config)} at {config.image_size} px from {start}"):
         trained = train(TrainConfig(
-            dataset=str(layout.dataset), train_dir=str(layout.train_dir), checkpoint=str(checkpoint), eval_every=0,
+            dataset=str(layout.dataset), train_dir=str(layout.train_dir), checkpoint=str(checkpoint),
             image_size=config.image_size, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
             keep_checkpoints=1, overwrite=True,
         ))  # fmt: skip

@@ -100,13 +100,15 @@ def test_cached_checkpoint_predicts_like_the_cached_head_through_evaluate_and_ex
     by_hand = np.exp(logits - logits.max(1, keepdims=True))
     by_hand /= by_hand.sum(1, keepdims=True)
     # ...equals evaluate on the whole-network checkpoint, and the exported graph.
-    evaluation = evaluate(EvaluateConfig(train_dir=str(root / "cached-export")))
+    # The checkpoint written at the end, not the best validation pass's, which evaluate would take by default.
+    evaluation = evaluate(EvaluateConfig(train_dir=str(root / "cached-export"), checkpoint="newest"))
     assert [p.path for p in evaluation.predictions] == [e.path.decode() for e in examples]
     assert [p.predicted for p in evaluation.predictions] == [evaluation.classes[i] for i in by_hand.argmax(1)]
     np.testing.assert_allclose([p.confidence for p in evaluation.predictions], by_hand.max(1), atol=1e-5)
     from finetune.export import export
 
-    exported = export(ExportConfig(train_dir=str(root / "cached-export"), out=str(tmp_path / "m.pb")))
+    exported = export(ExportConfig(train_dir=str(root / "cached-export"), out=str(tmp_path / "m.pb"),
+                                   checkpoint="newest"))
     from_pb = evaluate(EvaluateConfig(model=exported.model, dataset=str(root / "ds")))
     assert [p.predicted for p in from_pb.predictions] == [p.predicted for p in evaluation.predictions]
 
