@@ -51,6 +51,44 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def read_versioned_json(path: Path, *, what: str, kind: str, newest: int, fix: str, use: str) -> dict:
+    """A finetune JSON file whose ``format_version`` (1 when absent) this finetune reads, as a dict.
+
+    The owner of the format checks the fields; this checks what every owner's file shares.
+
+    Args:
+        what: what the file is, for the messages ("run config", "model description").
+        kind: whose format version it is ("train-dir", "exported-model").
+        newest: the newest format version this finetune reads.
+        fix: what to do about a damaged file.
+        use: what a newer file is for, in "upgrade finetune to use this run".
+
+    Raises:
+        FinetuneError: the file is unreadable, truncated, not a JSON object, or of a bad or newer version.
+    """
+    import json
+
+    from finetune import __version__
+    from finetune.errors import FinetuneError
+
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise FinetuneError(f"{path} is unreadable or truncated ({reason}); {fix}") from None
+    if not isinstance(values, dict):
+        raise FinetuneError(f"{path} is not a finetune {what} (a JSON {type(values).__name__}, not an object); {fix}")
+    version = values.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise FinetuneError(f"{path} has a bad format_version ({version!r}); {fix}")
+    if version > newest:
+        raise FinetuneError(
+            f"{path} is {kind} format version {version}, newer than this finetune ({__version__}) reads "
+            f"(up to {newest}); upgrade finetune to use {use}"
+        )
+    return values
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Writes ``text`` (UTF-8) as :func:`write_bytes_atomically` does."""
     write_bytes_atomically(path, text.encode("utf-8"))

@@ -36,7 +36,7 @@ from typing import Any, Callable
 from finetune import __version__
 from finetune.config import PRECISIONS
 from finetune.errors import FinetuneError
-from finetune.files import replacing
+from finetune.files import read_versioned_json, replacing
 from finetune.network import EVAL_CENTRAL_FRACTION
 
 # The graph's tensors. `input` takes images already preprocessed into [-1, 1]; `image_bytes` takes whole
@@ -124,22 +124,8 @@ def read_model(model_path: str | Path, flag: str = "--model") -> ModelInfo:
     labels_path, path = sidecar_paths(model_path)
     if not path.is_file():
         raise FinetuneError(f"{flag} {model_path}: no {path.name} beside it; {_reexport(model_path)}")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise FinetuneError(f"{path} is unreadable or truncated ({reason}); {_reexport(model_path)}") from None
-    if not isinstance(values, dict):
-        problem = f"{path} is not a finetune model description (not a JSON object)"
-        raise FinetuneError(f"{problem}; {_reexport(model_path)}")
-    version = values.get(_VERSION_KEY, 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise FinetuneError(f"{path} has a bad {_VERSION_KEY} ({version!r}); {_reexport(model_path)}")
-    if version > FORMAT_VERSION:
-        raise FinetuneError(
-            f"{path} is exported-model format version {version}, newer than this finetune ({__version__}) "
-            f"reads (up to {FORMAT_VERSION}); upgrade finetune to use this model"
-        )
+    values = read_versioned_json(path, kind="exported-model", what="model description",
+                                 newest=FORMAT_VERSION, fix=_reexport(model_path), use="this model")  # fmt: skip
     try:
         classes = values["classes"]
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):

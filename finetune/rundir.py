@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from finetune import __version__
 from finetune.errors import FinetuneError
-from finetune.files import write_text_atomically
+from finetune.files import read_versioned_json, write_text_atomically
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_NAME = "model.ckpt"
@@ -73,24 +73,8 @@ def read_run_config(train_dir: str | Path, flag: str = "--train-dir") -> RunConf
     path = config_path(train_dir)
     if not path.is_file():
         raise FinetuneError(f"{flag} {train_dir}: no {CONFIG_FILE}; pass the folder `finetune train` wrote")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise FinetuneError(f"{path} is unreadable or truncated ({reason}); {_start_over(train_dir)}") from None
-    if not isinstance(values, dict):
-        raise FinetuneError(
-            f"{path} is not a finetune run config (a JSON {type(values).__name__}, not an object); "
-            f"{_start_over(train_dir)}"
-        )
-    version = values.get(_VERSION_KEY, 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise FinetuneError(f"{path} has a bad {_VERSION_KEY} ({version!r}); {_start_over(train_dir)}")
-    if version > FORMAT_VERSION:
-        raise FinetuneError(
-            f"{path} is train-dir format version {version}, newer than this finetune ({__version__}) reads "
-            f"(up to {FORMAT_VERSION}); upgrade finetune to use this run"
-        )
+    values = read_versioned_json(path, kind="train-dir", what="run config", newest=FORMAT_VERSION,
+                                 fix=_start_over(train_dir), use="this run")  # fmt: skip
     try:
         classes = values["classes"]
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
