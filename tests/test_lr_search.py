@@ -18,14 +18,19 @@ from tests.conftest import read_records
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
-    """5 generated classes of 24 photos: 60% train, 20% validation, 20% test."""
+    """5 generated classes of 60 photos: 50% train, 40% validation, 10% test.
+
+    The validation split is large because the plain command is compared with a recipe on it: at 24 validation
+    images one image is 4 points, and two runs that learnt equally well differ by that much (docs/training-
+    defaults.md). At about 115 images one image is under a point.
+    """
     from finetune.synthetic import make_image_folder
 
     root = tmp_path_factory.mktemp("learnable")
-    make_image_folder(root / "photos", num_classes=5, images_per_class=24, seed=5, min_side=80, max_side=140,
+    make_image_folder(root / "photos", num_classes=5, images_per_class=60, seed=5, min_side=80, max_side=140,
                       png_fraction=0.0)  # fmt: skip
-    build_dataset(BuildDatasetConfig(image_dir=str(root / "photos"), out=str(root / "ds"), validation_fraction=0.2,
-                                     test_fraction=0.2, workers=1))  # fmt: skip
+    build_dataset(BuildDatasetConfig(image_dir=str(root / "photos"), out=str(root / "ds"), validation_fraction=0.4,
+                                     test_fraction=0.1, workers=1))  # fmt: skip
     return root
 
 
@@ -39,7 +44,7 @@ def _train(root, standin, name, **overrides):
 
 
 @pytest.mark.slow
-def test_the_plain_command_searches_on_training_images_only_and_records_its_choice(learnable, standin_checkpoint):
+def test_the_plain_command_searches_training_images_only_and_scores_as_a_strong_recipe(learnable, standin_checkpoint):
     default, config = _train(learnable, standin_checkpoint, "default")
     found = config["lr_search_result"]
     # It read exactly the training split: the digest of the paths it read is that of the train records.
@@ -52,11 +57,14 @@ def test_the_plain_command_searches_on_training_images_only_and_records_its_choi
     assert (config["learning_rate"], config["weight_decay"]) == (found["learning_rate"], found["weight_decay"])
     assert config["lr_search"] == "on" and config["schedule"] == "cosine"
     assert any(c["learning_rate"] == found["learning_rate"] for c in found["candidates"])
-    assert default.validation_accuracy > 0.3  # it learnt: chance is 0.2 on these 5 classes
-    # The same seed makes the same search; the features come from the cache the first run filled.
-    _, again = _train(learnable, standin_checkpoint, "again")
-    assert again["lr_search_result"]["candidates"] == found["candidates"]
-    assert again["feature_cache"] and default.feature_cache["computed"] > 0
+    # At least as good as a fixed strong recipe, less 2 points: adam at 0.01, no decay, 300 epochs (what the
+    # issue that asked for these defaults found best by hand), on the same cached features.
+    strong, _ = _train(learnable, standin_checkpoint, "strong", lr_search="off", learning_rate=0.01,
+                       schedule="constant", epochs=300)  # fmt: skip
+    assert default.validation_accuracy >= strong.validation_accuracy - 0.02
+    assert default.validation_accuracy > 0.4  # and it learnt: chance is 0.2 on these 5 classes
+    # The recipe's run took its features from the cache the first run filled.
+    assert default.feature_cache["computed"] > 0 and strong.feature_cache["computed"] == 0
 
 
 def test_folds_hold_out_every_class_evenly_and_never_a_single_image():
@@ -108,6 +116,9 @@ def test_heads_trained_side_by_side_train_as_they_would_alone():
     features, labels, paths = _blobs(seed=1)
     low = lr_search.search(features, labels, paths, _settings(0.01, optimizer="momentum"), None)
     high = lr_search.search(features, labels, paths, _settings(0.1, optimizer="momentum"), None)
+    # The same seed makes the same search, down to the last candidate's loss.
+    again = lr_search.search(features, labels, paths, _settings(0.01, optimizer="momentum"), None)
+    assert again.candidates == low.candidates and again.learning_rate == low.learning_rate
     shared = 0
     for a in low.candidates:
         for b in high.candidates:
