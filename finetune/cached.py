@@ -133,29 +133,16 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
     as rows of the cached features: no record is read or decoded while the head trains.
     """
     from finetune.compat import tf
-    from finetune.dataset import load_dataset, row_stream
+    from finetune.dataset import load_dataset
 
     info = load_dataset(plan.dataset)
     classes = len(plan.classes)
-    views = tables.train.shape[1]
-    local = [tf.compat.v1.GraphKeys.LOCAL_VARIABLES]  # not saved: the cache holds them
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.set_random_seed(plan.seed)
         global_step = tf.compat.v1.train.get_or_create_global_step()
         with tf.device("/cpu:0"):
-            # Rows in the order the records would come (same seeds, same skip on resume), without reading them.
-            stream = row_stream(info, "train", tables.records_per_file, repeat=True, seed=plan.seed,
-                                skip=start_step * plan.batch_size)  # fmt: skip
-            iterator = tf.compat.v1.data.make_initializable_iterator(
-                stream.batch(plan.batch_size, drop_remainder=True).prefetch(8)
-            )
-            rows, pairs = iterator.get_next()
-            labels = tf.gather(tf.constant(tables.train_labels), rows)
-            train_values = tf.compat.v1.placeholder(tf.float32, tables.train.shape)
-            train_table = tf.compat.v1.Variable(train_values, trainable=False, collections=local)
-            # Each time an image is drawn, one of its cached views, chosen by the stream's seed for it.
-            features = tf.gather(tf.gather(train_table, rows), tf.math.floormod(pairs[:, 0], views), batch_dims=1)
+            features, labels, iterator, feeds = _train_rows(info, plan, tables, start_step)
         with tf.device(plan.devices[0]):
             model.build(tf.compat.v1.placeholder(tf.float32, [1, plan.image_size, plan.image_size, 3]), classes)
             first_head_op = len(graph.get_operations())
@@ -177,21 +164,10 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
             )
             random_ops = stateful_random_ops(graph.get_operations()[first_head_op:])
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
-        validate, feeds = None, {train_table.initializer: {train_values: tables.train}}
+        validate = validation_metrics = None
         if tables.validation is not None:
-            validation_values = tf.compat.v1.placeholder(tf.float32, tables.validation.shape)
-            validation_table = tf.compat.v1.Variable(validation_values, trainable=False, collections=local)
-            validation_logits = head(validation_table, training=False)
-            hits = tf.equal(tf.argmax(validation_logits, 1), tables.validation_labels)
-            validation_accuracy = tf.reduce_mean(tf.cast(hits, tf.float64))
-            feeds[validation_table.initializer] = {validation_values: tables.validation}
-            validate = lambda session: float(session.run(validation_accuracy))  # noqa: E731
-            validation_loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tables.validation_labels, logits=validation_logits))  # fmt: skip
-
-            def validation_metrics(session) -> dict[str, float]:
-                accuracy, loss = session.run([validation_accuracy, validation_loss])
-                return {"accuracy": float(accuracy), "loss": float(loss)}
+            validate, validation_metrics, validation_feeds = _validation(tables, head)
+            feeds.update(validation_feeds)
 
         def initialize(session) -> None:
             for initializer, feed in feeds.items():
@@ -204,6 +180,53 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
     return TrainingGraph(
         graph=graph, train_op=train_op, loss=loss, accuracy=accuracy, learning_rate=learning_rate,
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
-        validate=validate, random_ops=random_ops, initialize=initialize,
-        validation_metrics=validation_metrics if validate else None,
+        validate=validate, random_ops=random_ops, initialize=initialize, validation_metrics=validation_metrics,
     )  # fmt: skip
+
+
+def _train_rows(info, plan: Plan, tables: FeatureTables, start_step: int) -> tuple:
+    """The next training batch as rows of the cached features: (features, labels, iterator, initializer feeds).
+
+    Rows come in the order the records would (same seeds, same skip on resume), without reading them; the
+    features table is a local variable filled from a placeholder when the session starts (the feeds).
+    """
+    from finetune.compat import tf
+    from finetune.dataset import row_stream
+
+    stream = row_stream(info, "train", tables.records_per_file, repeat=True, seed=plan.seed,
+                        skip=start_step * plan.batch_size)  # fmt: skip
+    iterator = tf.compat.v1.data.make_initializable_iterator(
+        stream.batch(plan.batch_size, drop_remainder=True).prefetch(8)
+    )
+    rows, pairs = iterator.get_next()
+    labels = tf.gather(tf.constant(tables.train_labels), rows)
+    train_values = tf.compat.v1.placeholder(tf.float32, tables.train.shape)
+    local = [tf.compat.v1.GraphKeys.LOCAL_VARIABLES]  # not saved: the cache holds them
+    train_table = tf.compat.v1.Variable(train_values, trainable=False, collections=local)
+    # Each time an image is drawn, one of its cached views, chosen by the stream's seed for it.
+    views = tables.train.shape[1]
+    features = tf.gather(tf.gather(train_table, rows), tf.math.floormod(pairs[:, 0], views), batch_dims=1)
+    return features, labels, iterator, {train_table.initializer: {train_values: tables.train}}
+
+
+def _validation(tables: FeatureTables, head) -> tuple:
+    """The head on the whole validation table: (accuracy, accuracy-and-loss, the table's initializer feed)."""
+    from finetune.compat import tf
+
+    validation_values = tf.compat.v1.placeholder(tf.float32, tables.validation.shape)
+    local = [tf.compat.v1.GraphKeys.LOCAL_VARIABLES]  # not saved: the cache holds them
+    validation_table = tf.compat.v1.Variable(validation_values, trainable=False, collections=local)
+    validation_logits = head(validation_table, training=False)
+    hits = tf.equal(tf.argmax(validation_logits, 1), tables.validation_labels)
+    validation_accuracy = tf.reduce_mean(tf.cast(hits, tf.float64))
+    validation_loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tables.validation_labels, logits=validation_logits))  # fmt: skip
+
+    def validate(session) -> float:
+        return float(session.run(validation_accuracy))
+
+    def validation_metrics(session) -> dict[str, float]:
+        accuracy, loss = session.run([validation_accuracy, validation_loss])
+        return {"accuracy": float(accuracy), "loss": float(loss)}
+
+    return validate, validation_metrics, {validation_table.initializer: {validation_values: tables.validation}}

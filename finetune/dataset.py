@@ -554,10 +554,7 @@ def split_units(
     """
     required = _required_splits(config)
     split_of = [_split_of(p, config.validation_fraction, config.test_fraction) for p in positions]
-    of_class: list[list[int]] = [[] for _ in range(num_classes)]
-    for unit, unit_labels in enumerate(labels):
-        for label in unit_labels:
-            of_class[label].append(unit)
+    of_class = _units_of_class(labels, num_classes)
     classes = classes or tuple(str(label) for label in range(num_classes))
     counts = image_counts or [len(units) for units in of_class]
     _refuse_small_classes(classes, [len(units) for units in of_class], counts, config)
@@ -572,28 +569,45 @@ def split_units(
         for split in required:
             if held[label][split]:
                 continue
-            units = sorted(of_class[label], key=lambda unit: (positions[unit], unit))
-            if split == "train":
-                candidates = units[::-1]
-            else:
-                other = [unit for unit in units if split_of[unit] not in ("train", split)]
-                if split == "validation":  # the test units nearest validation's range come first
-                    candidates = [unit for unit in units if split_of[unit] == "train"] + other
-                else:  # test lies above validation: the highest validation units are the nearest
-                    candidates = [unit for unit in units if split_of[unit] == "train"] + other[::-1]
+            candidates = _promotion_candidates(of_class[label], split, positions, split_of)
             chosen = next((unit for unit in candidates if split_of[unit] != split and can_spare(unit)), None)
             if chosen is None:
-                raise EmptySplitError(
-                    f"class {classes[label]!r} cannot be given a {split} image: each of its images is the only "
-                    f"one of its class in its split, or shared with another class (see near_duplicates); add "
-                    f"images to it"
-                )
+                raise _no_unit_to_promote(classes[label], split)
             for member_label in labels[chosen]:
                 held[member_label][split_of[chosen]] -= 1
                 held[member_label][split] += 1
             promotions.setdefault(chosen, (split_of[chosen], label))
             split_of[chosen] = split
     return split_of, promotions
+
+
+def _units_of_class(labels: list[list[int]], num_classes: int) -> list[list[int]]:
+    """For each class id, the units that hold it (a unit shared by two classes is in both lists)."""
+    of_class: list[list[int]] = [[] for _ in range(num_classes)]
+    for unit, unit_labels in enumerate(labels):
+        for label in unit_labels:
+            of_class[label].append(unit)
+    return of_class
+
+
+def _promotion_candidates(units: list[int], split: str, positions: list[float], split_of: list[str]) -> list[int]:
+    """A class's units in the order :func:`split_units` tries them when the class has none in ``split``."""
+    units = sorted(units, key=lambda unit: (positions[unit], unit))
+    if split == "train":  # the held-out unit of highest position
+        return units[::-1]
+    from_train = [unit for unit in units if split_of[unit] == "train"]
+    other = [unit for unit in units if split_of[unit] not in ("train", split)]
+    if split == "validation":  # the test units nearest validation's range come first
+        return from_train + other
+    return from_train + other[::-1]  # test lies above validation: the highest validation units are the nearest
+
+
+def _no_unit_to_promote(class_name: str, split: str) -> EmptySplitError:
+    return EmptySplitError(
+        f"class {class_name!r} cannot be given a {split} image: each of its images is the only "
+        f"one of its class in its split, or shared with another class (see near_duplicates); add "
+        f"images to it"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- writing

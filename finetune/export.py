@@ -283,7 +283,6 @@ def _onnx(cut_graph, classes: list[str], image_size: int) -> tuple[bytes, dict]:
 def export(config: ExportConfig) -> ExportResult:
     """Freezes the run's newest checkpoint (or --checkpoint) into a .pb with its labels and sidecar."""
     from finetune import model, precision, rundir
-    from finetune.compat import tf
 
     train_dir = Path(config.train_dir)
     run = rundir.read_run_config(train_dir)
@@ -304,16 +303,7 @@ def export(config: ExportConfig) -> ExportResult:
     bf16 = config.precision == "bf16"
     compute_dtype = precision.BFLOAT16 if bf16 else precision.FLOAT32
     temperature = _temperature(train_dir, chosen.step) if config.calibrate else None
-    with tf.Graph().as_default() as graph:
-        build_serving_graph(len(classes), image_size, compute_dtype, temperature)
-        variables = model.model_variables()
-        model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
-        with tf.compat.v1.Session(graph=graph) as session:
-            saver.restore(session, checkpoint.path)
-            frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
-                session, graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT]
-            )
+    frozen = _freeze(checkpoint, len(classes), image_size, compute_dtype, temperature)
     cut = input_path_graph(frozen, image_size) if {"tflite", "onnx"} & set(config.format) else None
     formats = list(dict.fromkeys(config.format))
     data = frozen.SerializeToString()
@@ -323,21 +313,14 @@ def export(config: ExportConfig) -> ExportResult:
     if "onnx" in formats:
         others["onnx"] = _onnx(cut, classes, image_size)
     step = rundir.checkpoint_step(checkpoint.path)
+    description = modelfile.ModelDescription(
+        classes=classes, image_size=image_size, precision=config.precision, compute_dtype=compute_dtype,
+        checkpoint=str(Path(checkpoint.path).resolve()), global_step=step, dataset=run.dataset,
+        dataset_fingerprint=run.dataset_fingerprint, pretrained_from=run.checkpoint, temperature=temperature,
+    )  # fmt: skip
     labels_path, sidecar_path = modelfile.write_model(
-        out,
-        data if "pb" in formats else None,
-        classes=classes,
-        image_size=image_size,
-        precision=config.precision,
-        compute_dtype=compute_dtype,
-        checkpoint=str(Path(checkpoint.path).resolve()),
-        global_step=step,
-        dataset=run.dataset,
-        dataset_fingerprint=run.dataset_fingerprint,
-        pretrained_from=run.checkpoint,
-        others=others,
+        out, data if "pb" in formats else None, description, others=others,
         saved_model=_saved_model_writer(frozen) if "saved_model" in formats else None,
-        temperature=temperature,
     )
     files = {kind: str(out.with_suffix(modelfile.SUFFIXES[kind])) for kind in formats}
     main = "pb" if "pb" in formats else formats[0]
@@ -362,6 +345,23 @@ def export(config: ExportConfig) -> ExportResult:
         checkpoint_choice=chosen.which,
         temperature=temperature,
     )
+
+
+def _freeze(checkpoint, num_classes: int, image_size: int, compute_dtype: str, temperature: float | None):
+    """The serving graph with the checkpoint's values as constants: a GraphDef of the outputs alone."""
+    from finetune import model
+    from finetune.compat import tf
+
+    with tf.Graph().as_default() as graph:
+        build_serving_graph(num_classes, image_size, compute_dtype, temperature)
+        variables = model.model_variables()
+        model.check_restorable(variables, checkpoint, flag="--checkpoint")
+        saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
+        with tf.compat.v1.Session(graph=graph) as session:
+            saver.restore(session, checkpoint.path)
+            return tf.compat.v1.graph_util.convert_variables_to_constants(
+                session, graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT]
+            )
 
 
 def _size(path: Path) -> int:

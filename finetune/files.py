@@ -51,14 +51,14 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def read_versioned_json(path: Path, *, what: str, kind: str, newest: int, fix: str, use: str) -> dict:
+def read_versioned_json(path: Path, *, what: str, newest: int, fix: str, use: str, kind: str = "") -> dict:
     """A finetune JSON file whose ``format_version`` (1 when absent) this finetune reads, as a dict.
 
     The owner of the format checks the fields; this checks what every owner's file shares.
 
     Args:
         what: what the file is, for the messages ("run config", "model description").
-        kind: whose format version it is ("train-dir", "exported-model").
+        kind: whose format version it is ("train-dir", "exported-model"), when the message names it.
         newest: the newest format version this finetune reads.
         fix: what to do about a damaged file.
         use: what a newer file is for, in "upgrade finetune to use this run".
@@ -83,7 +83,7 @@ def read_versioned_json(path: Path, *, what: str, kind: str, newest: int, fix: s
         raise FinetuneError(f"{path} has a bad format_version ({version!r}); {fix}")
     if version > newest:
         raise FinetuneError(
-            f"{path} is {kind} format version {version}, newer than this finetune ({__version__}) reads "
+            f"{path} is {kind + ' ' if kind else ''}format version {version}, newer than this finetune ({__version__}) reads "
             f"(up to {newest}); upgrade finetune to use {use}"
         )
     return values

@@ -114,8 +114,9 @@ def tower_loss(net: model.Network, labels, plan: Plan, trained_weights: list):
 
 
 def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = None) -> TrainingGraph:
+    """The network's training graph: one tower per device on images read from the TFRecords."""
     from finetune.compat import tf
-    from finetune.dataset import load_dataset, read_dataset
+    from finetune.dataset import load_dataset
 
     info = load_dataset(plan.dataset)
     towers = len(plan.devices)
@@ -124,41 +125,15 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         tf.compat.v1.set_random_seed(plan.seed)
         global_step = tf.compat.v1.train.get_or_create_global_step()
         with tf.device("/cpu:0"):
-            batches = cluster_mod.worker_batches(info, plan, cluster, start_step) if cluster else read_dataset(
-                info, "train", batch_size=plan.batch_size, image_size=plan.image_size, training=True,
-                augment=plan.augment, shuffle=True, repeat=True, seed=plan.seed, drop_remainder=True,
-                skip=start_step * plan.batch_size,
-            )  # fmt: skip
-            batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
-            images = tf.split(batch["image"], towers)
-            labels = tf.split(batch["label"], towers)
+            images, labels = _train_batches(info, plan, cluster, start_step)
         learning_rate = schedule.rate_tensor(plan.learning_rate, schedule_of(plan), global_step)
         compute = precision.Compute(plan.precision, plan.compute_dtype)
         optimizer = precision.loss_scale_optimizer(schedule.optimizer(plan.optimizer, learning_rate), compute)
-        tower_gradients, tower_losses, tower_logits = [], [], []
         first_tower_op = len(graph.get_operations())
-        for index, device in enumerate(plan.devices):
-            scope = tf.name_scope(f"tower_{index}") if towers > 1 else contextlib.nullcontext()
-            with tf.compat.v1.device(_placement(device, towers)), scope:
-                net = model.build(
-                    images[index], len(plan.classes), train_scopes=plan.trainable_scopes,
-                    dropout_keep_prob=plan.dropout_keep, reuse=True if index else None,
-                    compute_dtype=plan.compute_dtype,
-                )  # fmt: skip
-                trainable = model.trainable_variables(plan.trainable_scopes)
-                weights = [v for v in trainable if v.op.name.endswith("/weights")]
-                loss = tower_loss(net, labels[index], plan, weights)
-                tower_gradients.append(optimizer.compute_gradients(loss, var_list=trainable))
-                tower_losses.append(loss)
-                tower_logits.append(net.logits)
+        tower_gradients, tower_losses, tower_logits = _towers(plan, images, labels, optimizer)
         random_ops = stateful_random_ops(graph.get_operations()[first_tower_op:])
         with tf.device("/cpu:0" if towers > 1 else plan.devices[0]):
-            averaged = []
-            for pairs in zip(*tower_gradients):
-                gradients = [g for g, _ in pairs if g is not None]
-                if gradients:
-                    mean = gradients[0] if towers == 1 else tf.add_n(gradients) / float(len(gradients))
-                    averaged.append((mean, pairs[0][1]))
+            averaged = _average_gradients(tower_gradients)
             if cluster:
                 averaged = cluster_mod.all_reduce_mean(cluster, averaged)
             apply = optimizer.apply_gradients(averaged, global_step=global_step)
@@ -167,39 +142,89 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         train_op = tf.group(apply, *updates, name="train_op")
         if cluster:  # the chief's statistics on every worker, as the first tower's are with towers
             train_op = cluster_mod.broadcast_from_chief(cluster, moving_statistics(plan), after=train_op)
-        all_labels = tf.concat(labels, 0)
         predictions = tf.argmax(tf.concat(tower_logits, 0), axis=1)
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, all_labels), tf.float32))
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, tf.concat(labels, 0)), tf.float32))
         loss = tf.add_n(tower_losses) / float(towers)
-
-        validate = validation = None
-        if plan.eval_every:
-            with tf.device("/cpu:0"):
-                val_iterator = tf.compat.v1.data.make_initializable_iterator(
-                    read_dataset(info, "validation", batch_size=plan.batch_size,
-                                 image_size=plan.image_size, training=False)
-                )  # fmt: skip
-                val_batch = val_iterator.get_next()
-            with tf.device(plan.devices[0]), tf.name_scope("validation"):
-                val_net = model.build(val_batch["image"], len(plan.classes), reuse=True,
-                                      compute_dtype=plan.compute_dtype)  # fmt: skip
-                correct = tf.reduce_sum(
-                    tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64)
-                )
-                loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=val_batch["label"], logits=tf.cast(val_net.logits, tf.float32)))  # fmt: skip
-            validation = (val_iterator.initializer, correct, tf.size(val_batch["label"]), loss_sum)
-            validate = functools.partial(_validate, validation=validation)
-
+        validation = _validation_pass(info, plan) if plan.eval_every else None
         zero_head = zero_head_ops(plan)
         saver = tf.compat.v1.train.Saver(max_to_keep=plan.keep_checkpoints, save_relative_paths=True)
         restore_variables = model.variables_to_restore(plan.exclude_scopes) if plan.checkpoint else []
     return TrainingGraph(
         graph=graph, train_op=train_op, loss=loss, accuracy=accuracy, learning_rate=learning_rate,
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
-        validate=validate, random_ops=random_ops,
+        validate=functools.partial(_validate, validation=validation) if validation else None,
+        random_ops=random_ops,
         validation_metrics=functools.partial(validation_metrics, validation=validation) if validation else None,
     )  # fmt: skip
+
+
+def _train_batches(info, plan: Plan, cluster: Cluster | None, start_step: int) -> tuple[list, list]:
+    """The next training batch, positioned at ``start_step``, split into one block of images and labels per tower."""
+    from finetune.compat import tf
+    from finetune.dataset import read_dataset
+
+    batches = cluster_mod.worker_batches(info, plan, cluster, start_step) if cluster else read_dataset(
+        info, "train", batch_size=plan.batch_size, image_size=plan.image_size, training=True,
+        augment=plan.augment, shuffle=True, repeat=True, seed=plan.seed, drop_remainder=True,
+        skip=start_step * plan.batch_size,
+    )  # fmt: skip
+    batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
+    towers = len(plan.devices)
+    return tf.split(batch["image"], towers), tf.split(batch["label"], towers)
+
+
+def _towers(plan: Plan, images: list, labels: list, optimizer) -> tuple[list, list, list]:
+    """One copy of the network per device, sharing variables: each tower's gradients, loss and logits."""
+    from finetune.compat import tf
+
+    towers = len(plan.devices)
+    tower_gradients, tower_losses, tower_logits = [], [], []
+    for index, device in enumerate(plan.devices):
+        scope = tf.name_scope(f"tower_{index}") if towers > 1 else contextlib.nullcontext()
+        with tf.compat.v1.device(_placement(device, towers)), scope:
+            net = model.build(
+                images[index], len(plan.classes), train_scopes=plan.trainable_scopes,
+                dropout_keep_prob=plan.dropout_keep, reuse=True if index else None,
+                compute_dtype=plan.compute_dtype,
+            )  # fmt: skip
+            trainable = model.trainable_variables(plan.trainable_scopes)
+            weights = [v for v in trainable if v.op.name.endswith("/weights")]
+            loss = tower_loss(net, labels[index], plan, weights)
+            tower_gradients.append(optimizer.compute_gradients(loss, var_list=trainable))
+            tower_losses.append(loss)
+            tower_logits.append(net.logits)
+    return tower_gradients, tower_losses, tower_logits
+
+
+def _average_gradients(tower_gradients: list) -> list:
+    """Each variable's gradient averaged over the towers (the one tower's as it is); variables without one dropped."""
+    from finetune.compat import tf
+
+    averaged = []
+    for pairs in zip(*tower_gradients):
+        gradients = [g for g, _ in pairs if g is not None]
+        if gradients:
+            mean = gradients[0] if len(tower_gradients) == 1 else tf.add_n(gradients) / float(len(gradients))
+            averaged.append((mean, pairs[0][1]))
+    return averaged
+
+
+def _validation_pass(info, plan: Plan) -> tuple:
+    """The ops of one pass over the validation split: (iterator initializer, correct, count, summed loss)."""
+    from finetune.compat import tf
+    from finetune.dataset import read_dataset
+
+    with tf.device("/cpu:0"):
+        val_iterator = tf.compat.v1.data.make_initializable_iterator(
+            read_dataset(info, "validation", batch_size=plan.batch_size, image_size=plan.image_size, training=False)
+        )  # fmt: skip
+        val_batch = val_iterator.get_next()
+    with tf.device(plan.devices[0]), tf.name_scope("validation"):
+        val_net = model.build(val_batch["image"], len(plan.classes), reuse=True, compute_dtype=plan.compute_dtype)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64))
+        loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=val_batch["label"], logits=tf.cast(val_net.logits, tf.float32)))  # fmt: skip
+    return val_iterator.initializer, correct, tf.size(val_batch["label"]), loss_sum
 
 
 def moving_statistics(plan: Plan) -> list:

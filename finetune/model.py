@@ -165,12 +165,7 @@ def build(
             features and probabilities come out float32 (see finetune/precision.py); ``end_points`` stay in
             the compute type.
     """
-    size = images.shape[1]
-    if size is None or images.shape[2] != size:
-        raise ValueError(f"images must have a static square spatial size, got {images.shape}")
-    check_image_size(size, flag="image size")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    size = _checked_size(images, num_classes)
     train_scopes = tuple(train_scopes)
     with_aux = (
         aux_logits and in_scopes(AUX_SCOPE, train_scopes) and aux_head_fits(size)
@@ -207,6 +202,22 @@ def build(
     final_pool = next(
         p for p in pools[first_new_pool:] if any("/Logits/AvgPool_1a" in a for a in p.aliases)
     )
+    return _network(logits, end_points, final_pool, dtype)
+
+
+def _checked_size(images: tf.Tensor, num_classes: int) -> int:
+    """The images' spatial size, after refusing a size or class count the network cannot take."""
+    size = images.shape[1]
+    if size is None or images.shape[2] != size:
+        raise ValueError(f"images must have a static square spatial size, got {images.shape}")
+    check_image_size(size, flag="image size")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return size
+
+
+def _network(logits: tf.Tensor, end_points: dict, final_pool: tf.Tensor, dtype: tf.DType) -> Network:
+    """The build's outputs, in float32 whatever the compute type."""
     if dtype == tf.float32:
         return Network(
             logits=logits,

@@ -73,6 +73,22 @@ class ModelInfo:
     details: dict[str, Any] | None = None  # model.json's entry for that format (quantization, opset, ...)
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What model.json says about the network one export freezes, whatever its formats."""
+
+    classes: list[str]
+    image_size: int
+    precision: str  # "fp32" or "bf16", as --precision names it
+    compute_dtype: str  # the type frozen into the graph: "float32" or "bfloat16"
+    checkpoint: str  # the checkpoint it was frozen from
+    global_step: int | None
+    dataset: str
+    dataset_fingerprint: str
+    pretrained_from: str | None  # the run's starting checkpoint
+    temperature: float | None = None  # folded into the probabilities (see export --calibrate); None: uncalibrated
+
+
 def model_kind(model_path: str | Path, flag: str = "--model") -> str:
     """The format of an exported model file, by its name: .pb, .tflite, .onnx, or a SavedModel folder."""
     model_path = Path(model_path)
@@ -216,19 +232,11 @@ def load_graph_def(model_path: str | Path, flag: str = "--model"):
 def write_model(
     out: Path,
     graph: bytes | None,
+    description: ModelDescription | None = None,
     *,
-    classes: list[str],
-    image_size: int,
-    precision: str,
-    compute_dtype: str,
-    checkpoint: str,
-    global_step: int | None,
-    dataset: str,
-    dataset_fingerprint: str,
-    pretrained_from: str | None,
     others: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
     saved_model: Callable[[Path], None] | None = None,
-    temperature: float | None = None,
+    **fields: Any,
 ) -> tuple[Path, Path]:
     """Writes the model files of one export and their two sidecars; returns (labels path, model.json path).
 
@@ -237,12 +245,17 @@ def write_model(
         graph: the frozen GraphDef's bytes, or None when this export writes no .pb.
         others: ``{"tflite" or "onnx": (file bytes, what model.json records about it)}``.
         saved_model: writes a SavedModel into the folder it is given (``out``'s stem + ``.saved_model``).
+        description: the network the files hold; or its fields (``classes=...``, ``image_size=...``) as keywords.
 
     Every file is written under a temporary name first and all are renamed together, the model files last,
     so an interrupted export leaves the previous set whole; a SavedModel folder is swapped in whole after
     them. Formats an earlier export of the same checkpoint wrote beside ``out`` stay listed in model.json
     while their files are there.
     """
+    if description is None:
+        description = ModelDescription(**fields)
+    elif fields:
+        raise TypeError(f"write_model takes a description or its fields, not both: {', '.join(fields)}")
     others = dict(others or {})
     labels_path, sidecar_path = sidecar_paths(out)
     formats: dict[str, Any] = {}
@@ -253,10 +266,7 @@ def write_model(
     if saved_model is not None:
         formats["saved_model"] = {"file": out.with_suffix(SUFFIXES["saved_model"]).name,
                                   "inputs": [IMAGE_BYTES, INPUT]}  # fmt: skip
-    sidecar = _description(classes=classes, image_size=image_size, precision=precision,
-                           compute_dtype=compute_dtype, checkpoint=checkpoint, global_step=global_step,
-                           dataset=dataset, dataset_fingerprint=dataset_fingerprint,
-                           pretrained_from=pretrained_from, temperature=temperature)  # fmt: skip
+    sidecar = _description(description)
     sidecar["formats"] = {**_earlier_formats(out, sidecar), **formats}
     files = []
     if graph is not None:
@@ -264,7 +274,7 @@ def write_model(
     files += [(out.with_suffix(SUFFIXES[kind]), data) for kind, (data, _) in others.items()]
     files += [
         (sidecar_path, _json_bytes(sidecar)),  # the model files are entered first, so renamed last
-        (labels_path, _labels_text(classes).encode()),
+        (labels_path, _labels_text(description.classes).encode()),
     ]
     with contextlib.ExitStack() as renames:
         for path, content in files:
@@ -324,48 +334,36 @@ def _earlier_formats(out: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
-def _description(
-    *,
-    classes: list[str],
-    image_size: int,
-    precision: str,
-    compute_dtype: str,
-    checkpoint: str,
-    global_step: int | None,
-    dataset: str,
-    dataset_fingerprint: str,
-    pretrained_from: str | None,
-    temperature: float | None,
-) -> dict[str, Any]:
+def _description(model: ModelDescription) -> dict[str, Any]:
     """model.json's contents, but for ``formats``."""
     return {
         "format": FORMAT,
         _VERSION_KEY: FORMAT_VERSION,
         "inputs": {
             IMAGE_BYTES: {"dtype": "string", "shape": [None], "what": "encoded JPEG, PNG, GIF or BMP files"},
-            INPUT: {"dtype": "float32", "shape": [None, image_size, image_size, 3],
+            INPUT: {"dtype": "float32", "shape": [None, model.image_size, model.image_size, 3],
                     "what": "images preprocessed into [-1, 1]"},
         },  # fmt: skip
         "outputs": {
-            PROBABILITIES: {"dtype": "float32", "shape": [None, len(classes)], "also": SLIM_OUTPUT},
-            LOGITS: {"dtype": "float32", "shape": [None, len(classes)]},
+            PROBABILITIES: {"dtype": "float32", "shape": [None, len(model.classes)], "also": SLIM_OUTPUT},
+            LOGITS: {"dtype": "float32", "shape": [None, len(model.classes)]},
         },
-        "image_size": image_size,
-        "precision": precision,
-        "compute_dtype": compute_dtype,
+        "image_size": model.image_size,
+        "precision": model.precision,
+        "compute_dtype": model.compute_dtype,
         "preprocessing": {
             "central_crop_fraction": EVAL_CENTRAL_FRACTION,
             "resize": "bilinear",
             "scale": "x / 255 * 2 - 1, into [-1, 1]",
         },
-        "classes": list(classes),
-        "checkpoint": checkpoint,
-        "global_step": global_step,
-        "dataset": dataset,
-        "dataset_fingerprint": dataset_fingerprint,
-        "pretrained_from": pretrained_from,
+        "classes": list(model.classes),
+        "checkpoint": model.checkpoint,
+        "global_step": model.global_step,
+        "dataset": model.dataset,
+        "dataset_fingerprint": model.dataset_fingerprint,
+        "pretrained_from": model.pretrained_from,
         # probabilities = softmax(logits / temperature), fitted on the validation split; None: uncalibrated.
-        "temperature": temperature,
+        "temperature": model.temperature,
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "finetune_version": __version__,
     }

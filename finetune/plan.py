@@ -203,23 +203,12 @@ def plan_training(config: TrainConfig) -> Plan:
 
     Everything a user can get wrong is reported here, before any graph is built.
     """
-    from finetune.dataset import load_dataset
-
-    info = load_dataset(config.dataset, flag="--dataset")
-    train_count = info.split_counts.get("train", 0)
-    if train_count == 0:
-        raise FinetuneError(f"--dataset {config.dataset}: the train split is empty; rebuild the dataset")
+    info = _checked_dataset(config)
+    train_count = info.split_counts["train"]
     model.check_image_size(config.image_size)
-    trainable = model.resolve_scopes(config.trainable, "--trainable")
-    if not trainable:
-        raise FinetuneError("--trainable names no layers; use a preset such as logits")
+    trainable = _trainable_scopes(config)
     checkpoint_path, exclude = _starting_weights(config, len(info.classes))
-    devices = resolve_devices(config.device)
-    if config.batch_size % len(devices):
-        raise FinetuneError(
-            f"--batch-size {config.batch_size} does not split evenly over {len(devices)} devices; "
-            f"use a multiple of {len(devices)}"
-        )
+    devices = _devices(config)
     compute = precision.resolve(config.precision, gpu=devices[0].startswith("/gpu"))
     depth = _depth_preset(trainable)
     augment = config.augment if config.augment is not None else (depth != "logits" or config.augment_views > 0)
@@ -227,20 +216,13 @@ def plan_training(config: TrainConfig) -> Plan:
     # Several workers (TF_CONFIG) each take batch_size per step: steps come from the global batch. The
     # cached head trains on the chief alone.
     workers = 1 if use_cache else cluster.worker_count()
-    run = schedule.derive(
-        train_count, config.batch_size * workers, "cached" if use_cache else "network", epochs=config.epochs,
-        steps=config.steps, warmup_epochs=config.warmup_epochs, shape=config.schedule,
-        decay_rate=config.decay_rate, decay_epochs=config.decay_epochs,
-    )  # fmt: skip
+    run = _schedule(config, train_count, workers, use_cache)
     search = _lr_search_decision(config, use_cache)
     eval_every, save_every = _cadence(config, run, use_cache)
     learning_rate = config.learning_rate or DEFAULT_LEARNING_RATES[config.optimizer][depth]
     validates = bool(eval_every and info.split_counts.get("validation"))
     _check_selection(config, validates)
-    derived = list(run.notes)
-    if config.learning_rate is None:
-        source = "the search chooses from a grid around it" if search == "on" else f"{config.optimizer} on {depth}"
-        derived.append(f"learning rate {learning_rate:g}: the default for {config.optimizer} on {depth} ({source})")
+    derived = _derived_notes(config, run, learning_rate, depth, search)
     return Plan(
         dataset=str(Path(config.dataset).resolve()),
         dataset_fingerprint=info.fingerprint,
@@ -283,6 +265,52 @@ def plan_training(config: TrainConfig) -> Plan:
         select_by=(config.select_by or "accuracy") if validates else None,
         early_stop=config.early_stop,
     )
+
+
+def _checked_dataset(config: TrainConfig):
+    """The dataset's description (dataset.json), refused when it has no training examples."""
+    from finetune.dataset import load_dataset
+
+    info = load_dataset(config.dataset, flag="--dataset")
+    if info.split_counts.get("train", 0) == 0:
+        raise FinetuneError(f"--dataset {config.dataset}: the train split is empty; rebuild the dataset")
+    return info
+
+
+def _trainable_scopes(config: TrainConfig) -> tuple[str, ...]:
+    trainable = model.resolve_scopes(config.trainable, "--trainable")
+    if not trainable:
+        raise FinetuneError("--trainable names no layers; use a preset such as logits")
+    return trainable
+
+
+def _devices(config: TrainConfig) -> tuple[str, ...]:
+    """The devices --device names, refused when --batch-size does not split evenly over them."""
+    devices = resolve_devices(config.device)
+    if config.batch_size % len(devices):
+        raise FinetuneError(
+            f"--batch-size {config.batch_size} does not split evenly over {len(devices)} devices; "
+            f"use a multiple of {len(devices)}"
+        )
+    return devices
+
+
+def _schedule(config: TrainConfig, train_count: int, workers: int, use_cache: bool) -> schedule.Schedule:
+    return schedule.derive(
+        train_count, config.batch_size * workers, "cached" if use_cache else "network", epochs=config.epochs,
+        steps=config.steps, warmup_epochs=config.warmup_epochs, shape=config.schedule,
+        decay_rate=config.decay_rate, decay_epochs=config.decay_epochs,
+    )  # fmt: skip
+
+
+def _derived_notes(config: TrainConfig, run: schedule.Schedule, learning_rate: float, depth: str,
+                   search: str) -> list[str]:  # fmt: skip
+    """The derived numbers train prints at start: the schedule's notes, and where the learning rate came from."""
+    derived = list(run.notes)
+    if config.learning_rate is None:
+        source = "the search chooses from a grid around it" if search == "on" else f"{config.optimizer} on {depth}"
+        derived.append(f"learning rate {learning_rate:g}: the default for {config.optimizer} on {depth} ({source})")
+    return derived
 
 
 def _check_selection(config: TrainConfig, validates: bool) -> None:

@@ -140,6 +140,10 @@ class _Layout:
             train_dir=workdir / "runs" / "quickstart",
         )
 
+    @property
+    def predictions_file(self) -> Path:
+        return self.train_dir / "predictions.json"
+
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -215,6 +219,31 @@ def _generate_photos(folder: Path, per_class: int, seed: int) -> ImageFolder:
     return make_image_folder(folder, NUM_CLASSES, per_class, seed=seed)
 
 
+def _checked_layout(config: QuickstartConfig) -> _Layout:
+    """The work folder's layout, after refusing a bad image size or a folder quickstart did not write."""
+    from finetune import model
+    from finetune.dataset import DATASET_JSON
+    from finetune.rundir import CONFIG_FILE
+
+    model.check_image_size(config.image_size)
+    layout = _Layout.under(Path(config.workdir))
+    for folder, mark in ((layout.photos, MARKER), (layout.new_photos, MARKER), (layout.dataset, DATASET_JSON),
+                         (layout.train_dir, CONFIG_FILE)):  # fmt: skip
+        _refuse_foreign(folder, mark, layout.workdir)
+    return layout
+
+
+def _train_head(config: QuickstartConfig, layout: _Layout, checkpoint: Path):
+    """`finetune train` of the new head on the built dataset, from ``checkpoint``, into the train dir."""
+    from finetune.train import train
+
+    return train(TrainConfig(
+        dataset=str(layout.dataset), train_dir=str(layout.train_dir), checkpoint=str(checkpoint),
+        image_size=config.image_size, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
+        keep_checkpoints=1, overwrite=True,
+    ))  # fmt: skip
+
+
 def _build(config: QuickstartConfig, layout: _Layout) -> BuildResult:
     """Builds the dataset, trying split seeds until every class has a validation photo."""
     from finetune.dataset import build_dataset
@@ -268,19 +297,11 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
             that does not verify, or any stage's own error.
         KeyboardInterrupt: training was stopped with Ctrl-C (its checkpoint is saved).
     """
-    from finetune import model
-    from finetune.dataset import DATASET_JSON
     from finetune.evaluate import evaluate
     from finetune.export import export
-    from finetune.rundir import CONFIG_FILE
-    from finetune.train import train
 
     started = time.monotonic()
-    model.check_image_size(config.image_size)
-    layout = _Layout.under(Path(config.workdir))
-    for folder, mark in ((layout.photos, MARKER), (layout.new_photos, MARKER), (layout.dataset, DATASET_JSON),
-                         (layout.train_dir, CONFIG_FILE)):  # fmt: skip
-        _refuse_foreign(folder, mark, layout.workdir)
+    layout = _checked_layout(config)
     stages = _Stages()
 
     with stages.stage("download", f"the pretrained InceptionV3 checkpoint into {layout.checkpoints}"):
@@ -297,11 +318,7 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
 
     start = "the pretrained checkpoint" if pretrained else "random weights, not pretrained"
     with stages.stage("train", f"the new head for {_length(config)} at {config.image_size} px from {start}"):
-        trained = train(TrainConfig(
-            dataset=str(layout.dataset), train_dir=str(layout.train_dir), checkpoint=str(checkpoint),
-            image_size=config.image_size, epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
-            keep_checkpoints=1, overwrite=True,
-        ))  # fmt: skip
+        trained = _train_head(config, layout, checkpoint)
     if trained.status == "interrupted":
         raise KeyboardInterrupt
 
@@ -313,8 +330,7 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
 
     with stages.stage("predict", f"the new photos in {layout.new_photos}{label}"):
         predictions = _predict_new_photos(layout, exported.model)
-        predictions_file = layout.train_dir / "predictions.json"
-        _write_predictions(predictions_file, exported.model, pretrained, predictions)
+        _write_predictions(layout.predictions_file, exported.model, pretrained, predictions)
 
     return QuickstartResult(
         workdir=str(layout.workdir),
@@ -339,7 +355,7 @@ def quickstart(config: QuickstartConfig) -> QuickstartResult:
         model=exported.model,
         labels=exported.labels,
         sidecar=exported.sidecar,
-        predictions_file=str(predictions_file),
+        predictions_file=str(layout.predictions_file),
         predictions=predictions,
         seconds=round(time.monotonic() - started, 1),
         stage_seconds=stages.seconds,

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from finetune import __version__
 from finetune.errors import FinetuneError
 from finetune.files import read_versioned_json, write_text_atomically
 
@@ -231,14 +230,9 @@ def read_best(train_dir: str | Path) -> Best | None:
     if not path.is_file():
         return None
     fix = f"remove {path.parent} (the run's newest checkpoints stay usable with --checkpoint newest)"
+    values = read_versioned_json(path, what="best-checkpoint record", newest=BEST_FORMAT_VERSION, fix=fix,
+                                 use="this run")  # fmt: skip
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-        version = values.get("format_version", 1)
-        if isinstance(version, int) and version > BEST_FORMAT_VERSION:
-            raise FinetuneError(
-                f"{path} is format version {version}, newer than this finetune ({__version__}) reads "
-                f"(up to {BEST_FORMAT_VERSION}); upgrade finetune to use this run"
-            )
         if values["metric"] not in SELECTION_METRICS:
             raise ValueError("metric")
         return Best(
@@ -249,9 +243,7 @@ def read_best(train_dir: str | Path) -> Best | None:
             passes=tuple((int(s), float(v)) for s, v in values.get("passes", [])),
             stopped_early=bool(values.get("stopped_early", False)),
         )
-    except FinetuneError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FinetuneError(f"{path} is unreadable or corrupt ({exc}); {fix}") from None
 
 
@@ -321,19 +313,16 @@ def _read_calibration_file(train_dir: Path) -> dict[str, dict[str, Any]]:
     path = train_dir / CALIBRATION_FILE
     if not path.is_file():
         return {}
+    fix = "remove it (export then leaves the probabilities uncalibrated)"
+    values = read_versioned_json(path, what="calibration record", newest=CALIBRATION_FORMAT_VERSION, fix=fix,
+                                 use="this run")  # fmt: skip
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-        version = values.get("format_version", 1)
         fits = values["fits"]
         for fit in fits.values():
             if not float(fit["temperature"]) > 0:
                 raise ValueError(f"temperature {fit['temperature']}")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FinetuneError(f"{path} is unreadable or corrupt ({exc}); remove it (export then leaves the "
-                            "probabilities uncalibrated)") from None  # fmt: skip
-    if isinstance(version, int) and version > CALIBRATION_FORMAT_VERSION:
-        raise FinetuneError(f"{path} is format version {version}, newer than this finetune ({__version__}) reads "
-                            f"(up to {CALIBRATION_FORMAT_VERSION}); upgrade finetune to use this run")  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FinetuneError(f"{path} is unreadable or corrupt ({exc}); {fix}") from None
     return fits
 
 
