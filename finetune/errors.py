@@ -1,7 +1,9 @@
 """The errors a user can fix. Each message says what went wrong, where (file or flag), and how to fix it.
 
 The CLI prints a FinetuneError as one `error: ...` line on stderr and exits 1; anything else is a bug and
-keeps its traceback.
+keeps its traceback. TensorFlow's errors about damaged or missing files are translated here, once
+(:func:`translated_tf_errors`), at the CLI's edge and at the library's entry points (:func:`translates_tf_errors`
+on ``train``, ``evaluate`` and ``export``), so a script gets the same error the command line prints.
 """
 
 from __future__ import annotations
