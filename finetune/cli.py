@@ -254,8 +254,9 @@ def _run_predict(config: Any, args: argparse.Namespace) -> int:
     from finetune.paths import printable
     from finetune.predict import predict
 
-    failed = 0
+    failed = labelled = 0
     for prediction in predict(config):
+        labelled += not prediction.error
         if prediction.error:
             failed += 1
             print(f"error: {printable(prediction.path)}: {prediction.error}", file=sys.stderr)
@@ -269,8 +270,8 @@ def _run_predict(config: Any, args: argparse.Namespace) -> int:
             name, probability = prediction.top[0]
             print(f"{printable(prediction.path)}\t{name}\t{probability:.4f}" + (f"\t({rest})" if rest else ""))
         sys.stdout.flush()
-    if failed:
-        print(f"error: {failed} file(s) could not be labelled; see the lines above", file=sys.stderr)
+    if failed:  # the count is a summary, not one more error: one `error:` line per bad entry, above
+        log.info(f"{labelled} file(s) labelled, {failed} could not be (the error lines above)")
     return 1 if failed else 0
 
 
@@ -287,8 +288,8 @@ def _run_explain(config: Any, args: argparse.Namespace) -> int:
         elif not explanation.error:
             print(f"{explanation.path}\t{explanation.predicted} {explanation.probability:.4f}\t"
                   f"Grad-CAM for {explanation.explained} -> {explanation.overlay}")  # fmt: skip
-    if failed:
-        print(f"error: {failed} file(s) could not be explained; see the lines above", file=sys.stderr)
+    if failed:  # a summary, not one more error: one `error:` line per bad entry, above
+        log.info(f"{failed} file(s) could not be explained (the error lines above)")
     return 1 if failed else 0
 
 

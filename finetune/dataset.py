@@ -52,7 +52,7 @@ from finetune.config import BuildDatasetConfig
 from finetune.errors import DataError, EmptySplitError
 from finetune.network import EXIF_ORIENTATION, JPEG_QUALITY
 from finetune.progress import Progress
-from finetune.paths import NotReadable, describe, printable, read_regular_file
+from finetune.paths import NotReadable, printable, read_regular_file, walk_files
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -150,31 +150,6 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_files(folder: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[str, str | None]]:
-    """(path, None) for every non-hidden file below ``folder``, (path, why not) for an entry that cannot be
-    used (a link that loops or dangles, a FIFO, socket or device, an unreadable folder), in sorted order;
-    follows links to folders once."""
-    try:
-        stat = folder.stat()
-        if (stat.st_dev, stat.st_ino) in seen:
-            return  # a link back to a folder already walked
-        seen.add((stat.st_dev, stat.st_ino))
-        with os.scandir(folder) as scan:
-            entries = sorted((entry for entry in scan if not _hidden(entry.name)), key=lambda entry: entry.name)
-    except OSError as exc:
-        yield str(folder), f"unreadable folder: {exc.strerror or exc}"
-        return
-    for entry in entries:
-        try:
-            is_dir = entry.is_dir()
-        except OSError:  # a link that loops: described below
-            is_dir = False
-        if is_dir:
-            yield from _walk_files(Path(entry.path), seen)
-        else:
-            yield entry.path, describe(entry.path)
-
-
 def _check_image_dir(image_dir: Path) -> None:
     if not image_dir.exists():
         raise DataError(f"IMAGE_DIR {image_dir} does not exist; pass a folder with one subfolder per class")
@@ -203,7 +178,7 @@ def _scan(image_dir: Path) -> _Scan:
     files: list[tuple[str, int]] = []
     seen: set[tuple[int, int]] = set()
     for label, name in enumerate(classes):
-        for path, problem in _walk_files(image_dir / name, seen):
+        for path, problem in walk_files(image_dir / name, seen):
             relative = Path(path).relative_to(image_dir).as_posix()
             if problem is None:
                 files.append((relative, label))

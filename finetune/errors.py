@@ -1,16 +1,23 @@
 """The errors a user can fix. Each message says what went wrong, where (file or flag), and how to fix it.
 
 The CLI prints a FinetuneError as one `error: ...` line on stderr and exits 1; anything else is a bug and
-keeps its traceback.
+keeps its traceback. TensorFlow's errors about damaged or missing files are translated here, once
+(:func:`translated_tf_errors`), at the CLI's edge and at the library's entry points (:func:`translates_tf_errors`
+on ``train``, ``evaluate`` and ``export``), so a script gets the same error the command line prints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+_Entry = TypeVar("_Entry", bound=Callable)
 
 
 class FinetuneError(Exception):
@@ -57,9 +64,23 @@ def _tf_reason(exc: BaseException) -> str:
     """TensorFlow's informative line, without "Graph execution error:" and node tags."""
     message = getattr(exc, "message", None) or str(exc)
     for line in (part.strip() for part in message.splitlines()):
-        if line and not line.startswith("[[") and not line.startswith("Graph execution error"):
+        if line and not line.startswith(_TF_NOISE):
             return line.rstrip(".")
     return type(exc).__name__
+
+
+# Lines of a TensorFlow error that say where in the graph or the Python code, not what went wrong.
+_TF_NOISE = ("[[", "Graph execution error", "Detected at node", "File \"", "Node:", "Hint:", "Original stack trace")
+
+
+def _no_space_in_tf(exc: BaseException) -> str:
+    """The no-space message for TensorFlow's "FILE.tempstate123; No space left on device", naming the final
+    file (TensorFlow removes its temporary one)."""
+    reason = _tf_reason(exc)
+    filename, _, why = reason.rpartition("; ")
+    if not filename:
+        return _no_space(None, reason)
+    return _no_space(re.sub(r"\.tempstate\d+$", "", filename), why)
 
 
 @contextlib.contextmanager
@@ -85,7 +106,7 @@ def translated_tf_errors(
             raise
         errors = tf_module.errors
         if isinstance(exc, errors.ResourceExhaustedError) and "space left on device" in _tf_reason(exc):
-            raise FinetuneError(_no_space(None, _tf_reason(exc))) from None
+            raise FinetuneError(_no_space_in_tf(exc)) from None
         if isinstance(exc, errors.ResourceExhaustedError):
             raise FinetuneError(
                 f"{what}: out of memory or disk ({_tf_reason(exc)}); use a smaller --batch-size or free space"
@@ -168,3 +189,15 @@ def translated_command_errors(config: object) -> contextlib.AbstractContextManag
         "check the files the command reads (a damaged dataset: rebuild it with --overwrite)",
         lambda: _damaged_shard(config) or _damaged_checkpoint(config),
     )
+
+
+def translates_tf_errors(entry: _Entry) -> _Entry:
+    """Gives a library entry point (``train(config)``, ``evaluate(config)``, ``export(config)``) the same edge
+    as the CLI: a caller gets a FinetuneError naming the damaged file rather than TensorFlow's raw error."""
+
+    @functools.wraps(entry)
+    def translated(config, *args, **kwargs):
+        with translated_command_errors(config):
+            return entry(config, *args, **kwargs)
+
+    return translated  # type: ignore[return-value]

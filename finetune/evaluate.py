@@ -22,7 +22,7 @@ import numpy as np
 
 from finetune import rundir
 from finetune.config import EvaluateConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, translates_tf_errors
 from finetune.files import replacing, write_text_atomically
 
 log = logging.getLogger("finetune")
@@ -329,6 +329,7 @@ def _resolve(config: EvaluateConfig):
     return info, run.image_size, train_dir, train_dir / f"eval-{config.split}.json"
 
 
+@translates_tf_errors  # TensorFlow's errors about damaged files, as FinetuneErrors naming the file
 def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluation:
     """Evaluates a train dir's newest checkpoint (or --checkpoint), or an exported .pb, on one split."""
     from finetune import precision

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from finetune import modelfile
 from finetune.config import ExportConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, translates_tf_errors
 
 # The tensor names belong to the exported model's format, which finetune/modelfile.py reads and writes.
 from finetune.modelfile import IMAGE_BYTES, INPUT, LOGITS, PROBABILITIES, SLIM_OUTPUT
@@ -280,6 +280,7 @@ def _onnx(cut_graph, classes: list[str], image_size: int) -> tuple[bytes, dict]:
                                        "labels": "also in the ONNX metadata, key 'classes' (JSON)"}  # fmt: skip
 
 
+@translates_tf_errors  # TensorFlow's errors about damaged files, as FinetuneErrors naming the file
 def export(config: ExportConfig) -> ExportResult:
     """Freezes the run's newest checkpoint (or --checkpoint) into a .pb with its labels and sidecar."""
     from finetune import model, precision, rundir

@@ -46,8 +46,9 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         temporary.unlink(missing_ok=True)
+        _name_in(exc, path)
         raise
 
 
@@ -106,5 +107,15 @@ def replacing(path: Path) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except BaseException as exc:
+        _name_in(exc, path)
+        raise
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _name_in(exc: BaseException, path: str | os.PathLike) -> None:
+    """Puts the final name in an OSError that names no file (a write on a full disk, say), so the one error
+    line a user sees says which output it was."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = os.fspath(path)

@@ -199,6 +199,9 @@ def _labels_text(classes: list[str]) -> str:
     return "".join(f"{name}\n" for name in classes)
 
 
+_EXPORT_AGAIN = "export it again with `finetune export`, or pass a .pb `finetune export` wrote"
+
+
 def load_graph_def(model_path: str | Path, flag: str = "--model"):
     """Reads a frozen GraphDef, with a FinetuneError that names the file when it is not one."""
     from finetune.compat import tf
@@ -219,12 +222,12 @@ def load_graph_def(model_path: str | Path, flag: str = "--model"):
         else:
             graph_def.ParseFromString(data)
     except Exception:  # protobuf's DecodeError, whose module path varies between protobuf builds
-        raise FinetuneError(f"{flag} {model_path}: not a TensorFlow GraphDef; pass the .pb `finetune export` wrote")
+        raise FinetuneError(f"{flag} {model_path}: not a TensorFlow GraphDef (truncated or damaged?); {_EXPORT_AGAIN}")
     names = {node.name for node in graph_def.node}
     if not {INPUT, PROBABILITIES} <= names:
         raise FinetuneError(
-            f"{flag} {model_path}: a GraphDef without '{INPUT}' and '{PROBABILITIES}' nodes; "
-            "pass a .pb written by `finetune export`"
+            f"{flag} {model_path}: a GraphDef without '{INPUT}' and '{PROBABILITIES}' nodes (truncated, or "
+            f"not from finetune); {_EXPORT_AGAIN}"
         )
     return graph_def
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 # No image or record finetune reads whole is near this; a file over it is refused rather than read.
@@ -48,6 +49,9 @@ def read_regular_file(path: str | os.PathLike, limit: int = MAX_READ_BYTES) -> b
         NotReadable: the path is missing, a loop of links, a folder, a FIFO, socket or device, unreadable,
             or bigger than ``limit``; its message says which.
     """
+    problem = describe(path)  # a device is never opened (opening one can have effects); the fstat below
+    if problem is not None:  # catches one swapped in after this look
+        raise NotReadable(errno.EINVAL, problem)
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
@@ -82,6 +86,53 @@ def describe(path: str | os.PathLike) -> str | None:
     except OSError as exc:
         return _reason(exc)
     return None if stat.S_ISREG(mode) else f"{kind_of(mode)}, not an image file"
+
+
+def _listing(folder: str, seen: set[tuple[int, int]]) -> list[os.DirEntry]:
+    """The non-hidden entries of ``folder``, sorted by name; none when it was walked already (a link back)."""
+    status = os.stat(folder)
+    if (status.st_dev, status.st_ino) in seen:
+        return []
+    seen.add((status.st_dev, status.st_ino))
+    with os.scandir(folder) as scan:
+        return sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda entry: entry.name)
+
+
+def walk_files(
+    top: str | os.PathLike, seen: set[tuple[int, int]] | None = None
+) -> Iterator[tuple[str, str | None]]:
+    """(path, None) for every non-hidden file below ``top``, (path, why not) for an entry that cannot be
+    used (a link that loops or dangles, a FIFO, socket or device, an unreadable folder), in sorted order
+    (a folder's files and subfolders by name, each subfolder walked where it sorts).
+
+    Follows links to folders once (``seen`` holds the folders walked, shared across calls). The walk keeps
+    its own stack instead of recursing, so a tree deeper than Python's recursion limit is walked whole; a
+    folder whose path is too long for the system is an entry that cannot be used.
+    """
+    seen = set() if seen is None else seen
+    stack: list[Iterator[os.DirEntry]] = []
+    folder: str | None = os.fspath(top)
+    while True:
+        if folder is not None:
+            try:
+                stack.append(iter(_listing(folder, seen)))
+            except OSError as exc:
+                yield folder, f"unreadable folder: {exc.strerror or exc}"
+        if not stack:
+            return
+        entry = next(stack[-1], None)
+        folder = None
+        if entry is None:
+            stack.pop()
+            continue
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a link that loops: described below
+            is_dir = False
+        if is_dir:
+            folder = entry.path
+        else:
+            yield entry.path, describe(entry.path)
 
 
 def printable(path: str | os.PathLike) -> str:

@@ -8,7 +8,6 @@ file that cannot be read or decoded gets its own error row and the others go on.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +17,7 @@ import numpy as np
 from finetune.config import PredictConfig
 from finetune.errors import FinetuneError
 from finetune.network import EXIF_ORIENTATION, JPEG_QUALITY
-from finetune.paths import NotReadable, read_regular_file
+from finetune.paths import NotReadable, read_regular_file, walk_files
 
 # What a folder scan picks up; a file named on the command line is tried whatever its name.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -35,12 +34,12 @@ def find_images(paths: tuple[str, ...]) -> Iterator[tuple[Path, str | None]]:
     """Files named directly, and image files anywhere below named folders (sorted, hidden ones skipped)."""
     for name in paths:
         path = Path(name)
-        if path.is_dir():
-            for root, folders, files in os.walk(path):
-                folders[:] = sorted(f for f in folders if not f.startswith("."))
-                for file in sorted(files):
-                    if not file.startswith(".") and file.lower().endswith(IMAGE_SUFFIXES):
-                        yield Path(root) / file, None
+        if path.is_dir():  # walked without recursion: any depth; links to folders followed once
+            for found, problem in walk_files(path):
+                if problem is not None and problem.startswith("unreadable folder"):
+                    yield Path(found), problem
+                elif found.lower().endswith(IMAGE_SUFFIXES):
+                    yield Path(found), None  # an odd entry is refused, by name, when it is read
         elif path.exists() or path.is_symlink():
             yield path, None
         else:

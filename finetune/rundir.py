@@ -17,11 +17,12 @@ by a newer finetune) is a FinetuneError naming the file and the fix, in every co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from finetune.errors import FinetuneError
 from finetune.files import read_versioned_json, write_text_atomically
@@ -155,6 +156,18 @@ def checkpoint_prefix(train_dir: str | Path) -> str:
     return str(Path(train_dir) / CHECKPOINT_NAME)
 
 
+@contextlib.contextmanager
+def partial_checkpoint_removed(train_dir: str | Path, step: int) -> Iterator[None]:
+    """Removes what a failed save of step ``step`` left: TensorFlow writes ``model.ckpt-<step>.data-...
+    .tempstate<n>`` and renames it when complete, but leaves it behind when the write fails (a full disk)."""
+    try:
+        yield
+    except BaseException:
+        for partial in Path(train_dir).glob(f"{CHECKPOINT_NAME}-{step}.*.tempstate*"):
+            partial.unlink(missing_ok=True)
+        raise
+
+
 def newest_checkpoint(folder: str | Path) -> str | None:
     """The newest checkpoint TensorFlow's ``checkpoint`` file lists in a folder, or None when there is none.
 
@@ -163,13 +176,38 @@ def newest_checkpoint(folder: str | Path) -> str | None:
     """
     from finetune.compat import tf
 
+    state = Path(folder) / CHECKPOINT_STATE
     try:
-        return tf.train.latest_checkpoint(str(folder))
+        newest = tf.train.latest_checkpoint(str(folder))
+        if newest or not state.is_file():
+            return newest
+        listed = tf.train.get_checkpoint_state(str(folder))  # lists a step whose files are gone?
     except (UnicodeDecodeError, ValueError) as exc:
-        state = Path(folder) / CHECKPOINT_STATE
         raise FinetuneError(
             f"{state} is unreadable ({exc}); remove it and pass the checkpoint to use with --checkpoint"
         ) from None
+    if listed is None or not listed.model_checkpoint_path:
+        return None
+    _refuse_missing_step(Path(folder), state, Path(listed.model_checkpoint_path))
+    return None
+
+
+def _refuse_missing_step(folder: Path, state: Path, listed: Path) -> None:
+    """Raises FinetuneError for a ``checkpoint`` file naming a step whose files are gone (deleted by hand,
+    or a copy of the run that left them behind), naming the step and the newest one still there."""
+    listed = listed if listed.is_absolute() else folder / listed
+    present = sorted(
+        (step, str(index)[: -len(".index")])
+        for index in folder.glob(f"{CHECKPOINT_NAME}-*.index")
+        if (step := checkpoint_step(str(index)[: -len(".index")])) is not None
+    )
+    if present:
+        other = present[-1][1]
+        fix = (f"put its files back, or use the newest step still there, {other}: pass `--checkpoint {other}` "
+               "to evaluate or export, or to train with a new --train-dir")  # fmt: skip
+    else:
+        fix = "put its files back, or start the run over with `finetune train ... --overwrite`"
+    raise FinetuneError(f"{state} names {listed} as the newest checkpoint, but {listed}.index is missing; {fix}")
 
 
 def checkpoint_step(path: str | Path) -> int | None:

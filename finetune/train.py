@@ -15,6 +15,7 @@ import math
 import resource
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 from finetune import cluster as cluster_mod
 from finetune import model, rundir
 from finetune.config import TrainConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, translates_tf_errors
 from finetune.cached import cached_features, with_searched_rate
 from finetune.graph import TrainingGraph, build_training_graph, session_config, start_fresh
 from finetune.plan import RESUME_MUST_MATCH, Plan, imbalance_warning, plan_training
@@ -129,6 +130,7 @@ def _scalar_summary(writer, step: int, values: dict) -> None:
     writer.add_summary(summary, step)
 
 
+@translates_tf_errors  # TensorFlow's errors about damaged files, as FinetuneErrors naming the file
 def train(config: TrainConfig) -> TrainResult:
     """Runs (or resumes) a fine-tuning run described by the config; see the module docstring."""
     started = time.monotonic()
@@ -241,12 +243,14 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
         plan = replace(plan, eval_every=0)  # the chief validates
     start_checks = cluster_mod.start_checks(cluster, built.graph) if cluster else None
     target, config = cluster_mod.session_target(cluster, session_config(plan))
-    with built.graph.as_default(), tf.compat.v1.Session(target, config=config) as session:
+    with (built.graph.as_default(), tf.compat.v1.Session(target, config=config) as session,
+          ExitStack() as cleanup):  # fmt: skip
         _set_variables(session, built, resume_from, start_step, checkpoint)
         if start_checks:
             start_checks(session, plan, start_step)
         writer = (tf.compat.v1.summary.FileWriter(str(train_dir), graph=None if resume_from else built.graph)
                   if chief else cluster_mod.NoWriter())  # fmt: skip
+        cleanup.callback(writer.close)  # on an error too: an events file left open keeps its disk busy
         last_save_step, last_save_time = start_step, time.monotonic()
         keep_best = _KeepBest(plan, train_dir, start_step, resume_from) if plan.select_by else None
 
@@ -255,7 +259,9 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
             if not chief:
                 last_save_step, last_save_time = outcome.step, time.monotonic()
                 return
-            outcome.checkpoint = built.saver.save(session, rundir.checkpoint_prefix(train_dir), global_step=outcome.step)
+            prefix = rundir.checkpoint_prefix(train_dir)
+            with rundir.partial_checkpoint_removed(train_dir, outcome.step):  # a full disk, say
+                outcome.checkpoint = built.saver.save(session, prefix, global_step=outcome.step)
             last_save_step, last_save_time = outcome.step, time.monotonic()
 
         with _StopRequest() as stop, Progress("train", plan.total_steps, unit="steps", start=start_step,

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -73,15 +74,62 @@ def add_odd_entries(folder: Path, walked: Path) -> dict[str, Path]:
     os.symlink(folder / "never_there.jpg", odd["dangling"])
     os.symlink(odd["loop_back"].name, odd["loop"])
     os.symlink(odd["loop"].name, odd["loop_back"])
+    for name, minor in (("null", 3), ("zero", 5)):  # /dev/null's and /dev/zero's devices: reading zero never ends
+        odd[name] = folder / f"{name}.jpg"
+        os.mknod(odd[name], stat.S_IFCHR | 0o666, os.makedev(1, minor))
+    odd["zero_link"] = folder / "zero_link.jpg"
+    os.symlink("/dev/zero", odd["zero_link"])
     os.symlink(walked, folder / "walked_again")  # a link to a folder the walk already visited
     os.symlink("looping_folder", folder / "looping_folder")  # a link to itself, where a folder is expected
     (folder / "empty_folder").mkdir()
     return odd
 
 
+DEEP, TOO_DEEP = 1500, 2100  # folders: past Python's recursion limit (1000); past PATH_MAX (4096 bytes)
+
+
+def make_deep_tree(top: Path, picture: bytes) -> tuple[Path, Path]:
+    """``top/d/d/.../d`` TOO_DEEP folders down, with a photo at depth DEEP (its path fits in PATH_MAX) and one at
+    the bottom (its path does not). Made through folder descriptors, since no path reaches the bottom.
+
+    Returns the photo at depth DEEP and the first folder whose path is too long to use.
+    """
+    descriptor = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    too_long = None
+    try:
+        for depth in range(1, TOO_DEEP + 1):
+            os.mkdir("d", dir_fd=descriptor)
+            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = below
+            if too_long is None and len(os.fsencode(top)) + 2 * depth > 4095:  # with its NUL, over 4096
+                too_long = Path(os.fspath(top) + "/d" * depth)
+            if depth in (DEEP, TOO_DEEP):
+                photo = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=descriptor)
+                os.write(photo, picture)
+                os.close(photo)
+    finally:
+        os.close(descriptor)
+    assert too_long is not None
+    return Path(os.fspath(top) + "/d" * DEEP) / "deep.jpg", too_long
+
+
+def remove_deep_tree(top: Path) -> None:
+    """Removes ``top/d/...`` without recursion and without paths too long to use (pytest's cleanup recurses)."""
+    descriptors = [os.open(top, os.O_RDONLY | os.O_DIRECTORY)]
+    while "d" in os.listdir(descriptors[-1]):
+        descriptors.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=descriptors[-1]))
+    while descriptors:
+        descriptor = descriptors.pop()
+        for name in os.listdir(descriptor):
+            os.unlink(name, dir_fd=descriptor) if name != "d" else os.rmdir(name, dir_fd=descriptor)
+        os.close(descriptor)
+
+
 @pytest.fixture(scope="module")
 def odd_tree(tmp_path_factory):
-    """Two classes of good images; one class folder also holds every odd entry, and odd names."""
+    """Two classes of good images; one class folder also holds every odd entry, and odd names; the other a
+    tree deeper than Python's recursion limit, with one photo inside PATH_MAX and one beyond."""
     from types import SimpleNamespace
 
     from finetune.synthetic import make_image_folder
@@ -97,8 +145,12 @@ def odd_tree(tmp_path_factory):
     for path in odd_names:
         path.write_bytes(picture)
     (root / "empty_class_like").mkdir()  # an empty folder at the top: a class with no image
+    (root / first / "deep").mkdir()
+    deep_photo, too_long = make_deep_tree(root / first / "deep", picture)
     good = sorted(p for paths in made.files.values() for p in paths) + odd_names
-    return SimpleNamespace(root=root, classes=made.classes, odd=odd, good=good, odd_names=odd_names)
+    yield SimpleNamespace(root=root, classes=made.classes, odd=odd, good=good, odd_names=odd_names,
+                          deep_photo=deep_photo, too_long=too_long)  # fmt: skip
+    remove_deep_tree(root / first / "deep")
 
 
 def test_build_dataset_skips_every_odd_entry_and_never_blocks(odd_tree, tmp_path):
@@ -126,7 +178,12 @@ def test_build_dataset_skips_every_odd_entry_and_never_blocks(odd_tree, tmp_path
     assert "broken symbolic link" in reasons["dangling.jpg"]
     assert "loops" in reasons["loop_a.jpg"] and "loops" in reasons["loop_b.jpg"]
     assert "loops" in reasons["looping_folder"]
-    assert sum(meta["split_counts"].values()) == len(odd_tree.good)  # odd names kept, linked folder once
+    for name in ("null.jpg", "zero.jpg", "zero_link.jpg"):
+        assert "character device" in reasons[name], reasons
+    # the deep tree, walked without recursion: the photo at depth 1,500 kept, the folder past PATH_MAX named
+    too_long = [item["reason"] for item in meta["skipped"] if item["path"].endswith("/d" * 2000)]
+    assert too_long == ["unreadable folder: File name too long"], meta["skipped"]
+    assert sum(meta["split_counts"].values()) == len(odd_tree.good) + 1  # odd names, deep photo; linked folder once
     assert {p: p.read_bytes() for p in odd_tree.good} == before
 
 
@@ -173,20 +230,28 @@ def exported_model(trained_run, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_predict_labels_every_good_image_and_names_every_odd_entry(exported_model, odd_tree):
-    odd = odd_tree.odd
-    named = [str(odd["fifo"]), str(odd["socket"]), str(odd["dangling"]), str(odd["loop"])]
+def test_predict_labels_every_good_image_and_names_every_odd_entry(exported_model, odd_tree, tmp_path):
+    """Exactly one `error:` line per bad entry (met in the folder, or named), every good image labelled."""
+    from finetune.paths import printable
+
+    os.mkfifo(tmp_path / "named_fifo.jpg")
+    os.mknod(tmp_path / "named_zero.jpg", stat.S_IFCHR | 0o666, os.makedev(1, 5))
+    os.symlink("/dev/zero", tmp_path / "named_zero_link.jpg")
+    named = [str(tmp_path / name) for name in ("named_fifo.jpg", "named_zero.jpg", "named_zero_link.jpg", "gone.jpg")]
     with bounded():
         result = run_cli("predict", "--model", str(exported_model), str(odd_tree.root), *named)
     assert result.returncode == 1
     errors = error_lines(result.stderr)
-    # the folder scan and the named entries: each odd entry once per time it is met, then the summary
-    for path in named:
-        assert sum(path in line for line in errors) == 2, (path, errors)
-    assert errors[-1].startswith(f"error: {len(errors) - 1} file(s) could not be labelled")
+    in_tree = [str(path) for key, path in odd_tree.odd.items()] + [str(odd_tree.too_long)]
+    bad = in_tree + named
+    assert len(errors) == len(bad), errors
+    for path in bad:
+        assert sum(line.startswith(f"error: {printable(path)}: ") for line in errors) == 1, (path, errors)
+    assert any("character device" in line for line in errors if "named_zero_link" in line)
     labelled = [line.split("\t")[0] for line in result.stdout.splitlines()]
-    assert len(labelled) == len(odd_tree.good)
+    assert len(labelled) == len(odd_tree.good) + 1  # and the photo 1,500 folders down
     assert "new\\nline.jpg" in "".join(labelled)  # one line per file even for a name with a newline
+    assert str(odd_tree.deep_photo) in labelled
 
 
 @pytest.mark.slow
@@ -382,27 +447,156 @@ def test_a_truncated_dataset_json_or_config_json_is_named_with_its_fix(tmp_path)
         message = one_error(run_cli("preview", str(dataset), "--out", str(tmp_path / "p.png")))
     assert "dataset.json" in message and "--overwrite" in message
     with bounded(60):
+        message = one_error(run_cli("audit", str(dataset), "--out", str(tmp_path / "audit")))
+    assert str(dataset / "dataset.json") in message and "--overwrite" in message
+    with bounded(60):
         message = one_error(run_cli("export", "--train-dir", str(run)))
     assert str(run / "config.json") in message and "start the run over" in message
+
+
+@pytest.fixture(scope="module")
+def missing_step_run(trained_run, tmp_path_factory) -> Path:
+    """A copy of the trained run whose `checkpoint` file names step 40, whose files are gone (deleted by hand,
+    say); step 30's files are there (the same bytes, linked)."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("missing_step") / "run"
+    run.mkdir()
+    for path in trained_run.train_dir.iterdir():
+        if path.name.startswith("model.ckpt-40"):
+            os.link(path, run / path.name.replace("-40", "-30"))
+        elif path.name in ("config.json", "checkpoint"):
+            shutil.copy(path, run / path.name)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "evaluate", "export"])
+def test_a_checkpoint_file_naming_a_missing_step_says_which_and_what_to_pass(
+    missing_step_run, trained_run, standin_checkpoint, tmp_path, command
+):
+    run = missing_step_run
+    argv = {
+        "train": ["train", "--dataset", str(trained_run.dataset), "--train-dir", str(run), "--checkpoint",
+                  str(standin_checkpoint), "--image-size", "75", "--batch-size", "8", "--steps", "41",
+                  "--eval-every", "0"],
+        "evaluate": ["evaluate", "--train-dir", str(run)],
+        "export": ["export", "--train-dir", str(run), "--out", str(tmp_path / "m.pb")],
+    }[command]  # fmt: skip
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with bounded():
+        message = one_error(run_cli(*argv))
+    assert f"{run / 'model.ckpt-40'}.index is missing" in message, message
+    assert f"--checkpoint {run / 'model.ckpt-30'}" in message, message
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # nothing written or removed
+    assert not (tmp_path / "m.pb").exists()
+
+
+@pytest.fixture(scope="module")
+def truncated_model(exported_model, tmp_path_factory) -> Path:
+    """A copy of the exported model whose .pb lost its second half; its sidecars are whole."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("truncated_model")
+    for path in exported_model.parent.iterdir():
+        if path.is_file() and path != exported_model:
+            shutil.copy(path, folder / path.name)
+    data = exported_model.read_bytes()
+    (folder / exported_model.name).write_bytes(data[: len(data) // 2])
+    return folder / exported_model.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_truncated_pb_is_named_with_export_again(truncated_model, trained_run, command):
+    argv = (["evaluate", "--model", str(truncated_model), "--dataset", str(trained_run.dataset)]
+            if command == "evaluate" else ["predict", "--model", str(truncated_model), str(trained_run.photos)])  # fmt: skip
+    before = {p.name: p.read_bytes() for p in truncated_model.parent.iterdir()}
+    with bounded():
+        message = one_error(run_cli(*argv))
+    assert str(truncated_model) in message and "export it again with `finetune export`" in message, message
+    assert {p.name: p.read_bytes() for p in truncated_model.parent.iterdir()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "flipped", "flipped_index"])
+def test_training_from_a_damaged_v1_checkpoint_names_it(standin_checkpoint, trained_run, tmp_path, how):
+    """The published checkpoint is one V1 file: cut short, bytes flipped in its tensors, or in its index."""
+    data = bytearray(standin_checkpoint.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        start = len(data) // 2 if how == "flipped" else len(data) - 400
+        data[start : start + 300] = bytes(b ^ 0xFF for b in data[start : start + 300])
+    damaged = tmp_path / "inception_v3.ckpt"
+    damaged.write_bytes(bytes(data))
+    with bounded():
+        message = one_error(run_cli("train", "--dataset", str(trained_run.dataset), "--train-dir",
+                                    str(tmp_path / "run"), "--checkpoint", str(damaged), "--image-size", "75",
+                                    "--steps", "1"))  # fmt: skip
+    assert str(damaged) in message and "pass another checkpoint" in message, message
+    assert not list((tmp_path / "run").glob("model.ckpt-*"))
+
+
+@pytest.mark.slow
+def test_audit_on_a_damaged_shard_names_it(trained_run, standin_checkpoint, tmp_path):
+    copy, shard = damaged_copy(trained_run.dataset, tmp_path, "train", "flipped")
+    with bounded():
+        result = run_cli("audit", str(copy), "--checkpoint", str(standin_checkpoint), "--image-size", "75",
+                         "--out", str(tmp_path / "audit"), "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert_names_damaged_shard(result, shard, copy)
+    assert not (tmp_path / "audit" / "audit.json").exists()
+
+
+@pytest.mark.slow
+def test_library_callers_get_the_same_errors_as_the_command_line(damaged_runs, trained_run, standin_checkpoint,
+                                                                tmp_path):
+    """train(), evaluate() and export() translate TensorFlow's errors themselves, not only the CLI."""
+    from finetune.config import EvaluateConfig, ExportConfig, TrainConfig
+    from finetune.errors import FinetuneError
+    from finetune.evaluate import evaluate
+    from finetune.export import export
+    from finetune.train import train
+
+    copy, shard = damaged_copy(trained_run.dataset, tmp_path, "train", "flipped")
+    run = damaged_runs["data"]  # restoring it fails inside TensorFlow
+    with bounded():
+        with pytest.raises(FinetuneError, match=f"dataset shard {shard} is damaged.*--overwrite"):
+            train(TrainConfig(dataset=str(copy), train_dir=str(tmp_path / "run"),
+                              checkpoint=str(standin_checkpoint),
+                              image_size=75, batch_size=8, steps=30, eval_every=0))  # fmt: skip
+        for call in (lambda: evaluate(EvaluateConfig(train_dir=str(run))),
+                     lambda: export(ExportConfig(train_dir=str(run), out=str(tmp_path / "m.pb")))):  # fmt: skip
+            with pytest.raises(FinetuneError, match=f"checkpoint {run / 'model.ckpt-40'} is damaged.*pass another"):
+                call()
+    assert not (tmp_path / "m.pb").exists()
 
 
 # ------------------------------------------------------------------------------------------ resource limits
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 1 MB tmpfs mounted for the test (needs root); skipped where mounting is not allowed."""
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``mount`` (needs root); the test is skipped where mounting is not allowed."""
     import subprocess
 
-    mount = tmp_path / "tiny"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:  # fmt: skip
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)
+            pytest.fail(f"{mount} was still busy after the command ended: a file left open")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs mounted for the test."""
+    with tmpfs(tmp_path / "tiny", "1m") as mount:
+        yield mount
 
 
 def fill(mount: Path, leave: int = 8192) -> None:
@@ -439,3 +633,60 @@ def test_a_full_disk_in_pythons_own_writes_is_one_error(full_disk):
             write_bytes_atomically(full_disk / "previous.json", b"x" * 100_000)
     assert (full_disk / "previous.json").read_bytes() == b"{}"
     assert [p.name for p in full_disk.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != "filler"}
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(trained_run, standin_checkpoint, tmp_path):
+    import shutil
+
+    with tmpfs(tmp_path / "disk", "128m") as disk:
+        run = disk / "run"
+        run.mkdir()
+        for path in trained_run.train_dir.iterdir():
+            if path.name.startswith("model.ckpt-40") or path.name in ("config.json", "checkpoint"):
+                shutil.copy(path, run / path.name)
+        checkpoint = {name: data for name, data in files_of(run).items() if name != "config.json"}
+        fill(disk, leave=1 << 20)  # room for the small files, not for a checkpoint
+        with bounded():
+            message = one_error(run_cli("train", "--dataset", str(trained_run.dataset), "--train-dir", str(run),
+                                        "--checkpoint", str(standin_checkpoint), "--image-size", "75",
+                                        "--batch-size", "8", "--steps", "41", "--eval-every", "0"))  # fmt: skip
+        assert "disk is full" in message and "free some space" in message, message
+        after = files_of(run)
+        assert {name: after.get(name) for name in checkpoint} == checkpoint  # step 40 and the list, untouched
+        assert not [name for name in os.listdir(run) if "ckpt-41" in name or name.endswith(".tmp")], os.listdir(run)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_exporting_keeps_the_previous_model(exported_model, trained_run, tmp_path):
+    import shutil
+
+    with tmpfs(tmp_path / "disk", "96m") as disk:
+        for path in exported_model.parent.iterdir():
+            if path.is_file():
+                shutil.copy(path, disk / path.name)
+        before = files_of(disk)
+        fill(disk, leave=1 << 20)
+        with bounded():
+            message = one_error(run_cli("export", "--train-dir", str(trained_run.train_dir), "--out",
+                                        str(disk / exported_model.name)))  # fmt: skip
+        assert "disk is full" in message and "free some space" in message, message
+        assert files_of(disk) == before
+        assert sorted(os.listdir(disk)) == sorted([*before, "filler"])  # no temporary file left
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_caching_features_is_one_error(trained_run, standin_checkpoint, full_disk, tmp_path):
+    fill(full_disk, leave=64 << 10)  # room for the cache's folders and group.json, not for its features
+    with bounded():
+        message = one_error(run_cli("train", "--dataset", str(trained_run.dataset), "--train-dir",
+                                    str(tmp_path / "run"), "--checkpoint", str(standin_checkpoint),
+                                    "--image-size", "75", "--steps", "1", "--eval-every", "0",
+                                    "--cache-dir", str(full_disk / "cache")))  # fmt: skip
+    assert "disk is full writing" in message and str(full_disk / "cache") in message, message
+    assert not list(full_disk.rglob("part-*")) and not list(full_disk.rglob("*.tmp"))
+    assert not list((tmp_path / "run").glob("model.ckpt-*"))
