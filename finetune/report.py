@@ -179,7 +179,8 @@ def jpeg_data_url(jpeg: bytes) -> str:
 
 def headline(stats: list[tuple[str, str]]) -> str:
     """The row of boxed numbers at the top of a page."""
-    boxes = "".join(f'<div class="stat" id="stat-{_e(name)}">{_e(name)}<b>{_e(value)}</b></div>' for name, value in stats)
+    boxes = "".join(f'<div class="stat" id="stat-{_e(name.replace(" ", "-"))}">{_e(name)}<b>{_e(value)}</b></div>'
+                    for name, value in stats)  # fmt: skip
     return f'<div class="headline">{boxes}</div>'
 
 
