@@ -25,8 +25,6 @@ Writes ``audit.json`` (everything) and ``audit.html`` (a self-contained page wit
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import logging
@@ -45,7 +43,6 @@ log = logging.getLogger("finetune")
 HEAD_STEPS = 300  # full-batch steps of a fold's head: the loss has flattened well before on every set tried
 HEAD_LEARNING_RATE = 0.01  # Adam, on standardised features
 HEAD_WEIGHT_DECAY = 1e-3  # a little L2: out-of-fold probabilities should not be overconfident
-THUMBNAIL = 128  # pixels, the longer side
 
 
 @dataclass
@@ -257,6 +254,7 @@ def _thumbnails(info, splits: list[str], wanted: set[str]) -> dict[str, str]:
     """A small inline JPEG (data: URL) for each wanted path, read from the dataset's records."""
     from PIL import Image
 
+    from finetune import report
     from finetune.compat import tf
 
     found: dict[str, str] = {}
@@ -269,48 +267,70 @@ def _thumbnails(info, splits: list[str], wanted: set[str]) -> dict[str, str]:
                     continue
                 with Image.open(io.BytesIO(feature["image/encoded"].bytes_list.value[0])) as image:
                     small = image.convert("RGB")
-                    small.thumbnail((THUMBNAIL, THUMBNAIL))
+                    small.thumbnail((report.THUMBNAIL, report.THUMBNAIL))
                     buffer = io.BytesIO()
                     small.save(buffer, format="JPEG", quality=80)
-                found[path] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+                found[path] = report.jpeg_data_url(buffer.getvalue())
     return found
 
 
-def _html(result: AuditResult, thumbnails: dict[str, str], top: int) -> str:
-    e = html.escape
+def _issue_figure(rank: int, issue: LabelIssue, thumbnails: dict[str, str]) -> str:
+    from finetune.report import escape as e
 
-    def image(path: str) -> str:
-        source = thumbnails.get(path)
-        return f'<img src="{source}" alt="{e(path)}">' if source else ""
-
-    rows = "".join(
-        f"<tr><td>{image(issue.path)}</td><td>{e(issue.path)}</td><td>{e(issue.given)} ({issue.given_probability:.3f})"
-        f"</td><td><b>{e(issue.suggested)}</b> ({issue.suggested_probability:.3f})</td><td>{e(issue.split)}</td></tr>"
-        for issue in result.label_issues[:top]
+    source = thumbnails.get(issue.path)
+    image = f'<img src="{source}" alt="{e(issue.path)}">' if source else ""
+    return (
+        f'<figure class="mistake" id="issue-{rank}">{image}<figcaption>#{rank} given <b>{e(issue.given)}</b> '
+        f'(<span class="score">{issue.given_probability:.3f}</span>), suggested <b>{e(issue.suggested)}</b> '
+        f"({issue.suggested_probability:.3f})<br><code>{e(issue.path)}</code> ({e(issue.split)})</figcaption></figure>"
     )
-    groups = ""
-    for group in result.cross_class_duplicates or []:
-        cells = "".join(f"<figure>{image(path)}<figcaption>{e(path)}</figcaption></figure>" for path in group["paths"])
-        groups += f"<div class=group><p>{e(group['kind'])}</p>{cells}</div>"
-    note = f"<p class=note>{e(result.near_duplicates_note)}</p>" if result.near_duplicates_note else ""
-    shown = min(top, len(result.label_issues))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>finetune audit: {e(result.dataset)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
-td, th {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; }}
-img {{ max-width: {THUMBNAIL}px; max-height: {THUMBNAIL}px; }} .note {{ color: #a40; }}
-.group {{ display: flex; gap: 1em; border-bottom: 1px solid #ddd; }} figure {{ margin: 4px; font-size: small; }}
-</style></head><body>
-<h1>Audit of {e(result.dataset)}</h1>
-<p>{result.judged} of {result.images} train and validation images judged by {result.folds}-fold heads on cached
-features; out-of-fold accuracy {result.out_of_fold_accuracy:.3f}.</p>
-<h2>Likely label errors ({len(result.label_issues)}; the first {shown} shown, all in audit.json)</h2>
-<p>Another class reaches its confident-learning threshold and is the most probable; ranked by the probability of
-the given label, lowest first.</p>
-<table><tr><th></th><th>path</th><th>given (probability)</th><th>suggested (probability)</th><th>split</th></tr>
-{rows}</table>
-<h2>Copies across classes ({len(result.cross_class_duplicates or [])})</h2>{note}
-{groups}
-</body></html>
-"""
+
+
+def _group_html(number: int, group: dict, thumbnails: dict[str, str]) -> str:
+    from finetune.report import escape as e
+
+    figures = []
+    for path in group["paths"]:
+        source = thumbnails.get(path)
+        image = f'<img src="{source}" alt="{e(path)}">' if source else ""
+        figures.append(f"<figure>{image}<figcaption>class <b>{e(path.split('/')[0])}</b><br>"
+                       f"<code>{e(path)}</code></figcaption></figure>")  # fmt: skip
+    pairs = "; ".join(f"{e(a)} and {e(b)}: {bits} bits apart" for a, b, bits in group["pairs"])
+    detail = f"{e(group['kind'])}" + (f" ({pairs})" if pairs else "")
+    return f'<h3>Set {number}: {detail}</h3><div class="group" id="copies-{number}">{"".join(figures)}</div>'
+
+
+def _html(result: AuditResult, thumbnails: dict[str, str], top: int) -> str:
+    """The audit's page, in the evaluation report's style (finetune/report.py owns the shell and the style)."""
+    from finetune.report import escape as e
+    from finetune.report import headline, page
+
+    copies = result.cross_class_duplicates
+    shown = result.label_issues[:top]
+    stats = [("images", f"{result.images:,}"), ("judged", f"{result.judged:,}"), ("folds", str(result.folds)),
+             ("out-of-fold accuracy", f"{result.out_of_fold_accuracy:.3f}"),
+             ("likely label errors", f"{len(result.label_issues):,}"),
+             ("copies across classes", "not checked" if copies is None else str(len(copies)))]  # fmt: skip
+    body = [
+        f"<h1>Audit of <code>{e(result.dataset)}</code></h1>",
+        headline(stats),
+        f'<p class="meta">train and validation images; features in {result.extraction_seconds:.1f} s '
+        f"({result.features_computed} computed, {result.features_reused} from the cache), "
+        f"{result.folds}-fold heads in {result.kfold_seconds:.1f} s; everything is in "
+        f"<code>{e(result.out_json)}</code></p>",
+        f'<h2 id="label-errors">Likely label errors ({len(result.label_issues)}; the first {len(shown)} shown)</h2>',
+        "<p>Each image is judged by a head trained without it. Listed when another class reaches its own "
+        "confident-learning threshold (the mean probability the heads give that class's own images) and is the "
+        "most probable such class; ranked by the score, the out-of-fold probability of the given label, lowest "
+        "first. A list to look through, not a verdict.</p>",
+        '<div class="gallery" id="issue-gallery">'
+        + "".join(_issue_figure(rank, issue, thumbnails) for rank, issue in enumerate(shown, 1))
+        + "</div>" if shown else "<p>None found.</p>",
+        f'<h2 id="copies">Copies across classes ({"not checked" if copies is None else len(copies)})</h2>',
+        "<p>The same photo (identical, or a near-duplicate: resized, re-encoded, slightly cropped, grey) filed "
+        "under more than one class.</p>",
+    ]  # fmt: skip
+    if result.near_duplicates_note:
+        body.append(f'<p class="note">{e(result.near_duplicates_note)}</p>')
+    body += [_group_html(number, group, thumbnails) for number, group in enumerate(copies or [], 1)]
+    return page(f"finetune audit — {result.dataset}", body)

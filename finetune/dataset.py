@@ -266,11 +266,15 @@ def _perceptual_hashes(image: PILImage.Image, orientation: int) -> Any:
 def _check_file(
     root: str, max_side: int | None, item: tuple[str, int], near_duplicates: bool = False
 ) -> _Image | _Skip:
-    """Reads, identifies by content, fully decodes and if needed converts one file. Runs in a worker.
+    """Reads, identifies by content, decodes and if needed converts one file. Runs in a worker.
 
-    With ``near_duplicates`` it also computes the image's perceptual hashes, on the picture already decoded.
+    A JPEG stored as it is decodes at a reduced scale (phash.draft): every byte is still read and entropy-
+    decoded, so truncated and corrupt files fail as in a full decode, at about half its cost. With
+    ``near_duplicates`` it also computes the image's perceptual hashes, on the picture already decoded.
     """
     from PIL import Image, ImageOps
+
+    from finetune import phash
 
     path, label = item
     try:
@@ -293,6 +297,10 @@ def _check_file(
             width, height = image.size
             if _pixel_limit() and width * height > _pixel_limit():
                 return _Skip(path, _bomb_reason(f"{width}x{height} = {width * height:,} pixels"))
+            too_big = max_side is not None and max(width, height) > max_side
+            if image.format in _JPEG_FORMATS and image.mode == "RGB" and not too_big and _orientation(image) == 1:
+                # Stored as its own bytes: its pixels are only checked and hashed, so a smaller decode will do
+                phash.draft(image)
             try:
                 image.load()  # decodes every pixel: truncated and corrupt files fail here
             except Exception as exc:
@@ -300,7 +308,6 @@ def _check_file(
             source_format = image.format or "unknown"
             orientation = _orientation(image)
             hashes = _perceptual_hashes(image, orientation) if near_duplicates else None
-            too_big = max_side is not None and max(width, height) > max_side
             conversions = tuple(
                 reason
                 for reason, applies in (

@@ -125,9 +125,12 @@ def read_curves(train_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], li
 # ---------------------------------------------------------------------------------------------- the HTML
 
 
-def _e(value) -> str:
+def escape(value) -> str:
     """Text escaped for HTML content and attribute values alike."""
     return html.escape(str(value), quote=True)
+
+
+_e = escape
 
 
 _STYLE = """
@@ -146,6 +149,7 @@ figure.mistake{border-color:#e0a0a0}figure.correct{border-color:#a0c8a0}
 code{font-size:12px;word-break:break-all}.charts{display:flex;flex-wrap:wrap;gap:14px}
 svg text{font-family:inherit}.cell:hover rect{stroke:#000;stroke-width:2}
 .note{color:#8a5a00}ul.files{columns:2;font-size:12.5px}
+.group{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px;margin:8px 0 16px}
 @media print{body{max-width:none;padding:0}th{cursor:auto}a{color:inherit;text-decoration:none}}
 """
 
@@ -166,6 +170,34 @@ document.querySelectorAll('table.sortable th').forEach(function (th, column) {
   });
 });
 """
+
+
+def jpeg_data_url(jpeg: bytes) -> str:
+    """A picture inline, as the page's Content-Security-Policy allows (``img-src data:``)."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def headline(stats: list[tuple[str, str]]) -> str:
+    """The row of boxed numbers at the top of a page."""
+    boxes = "".join(f'<div class="stat" id="stat-{_e(name.replace(" ", "-"))}">{_e(name)}<b>{_e(value)}</b></div>'
+                    for name, value in stats)  # fmt: skip
+    return f'<div class="headline">{boxes}</div>'
+
+
+def page(title: str, body: list[str], sortable: bool = False) -> str:
+    """A whole self-contained page in the report's style: its shell, style sheet and (for ``table.sortable``)
+    its few lines of script. Every finetune HTML page (the evaluation report, the audit) is made here."""
+    head = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        # Nothing may load from anywhere: the file must look the same offline and as an attachment.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
+    ]
+    tail = f"<script>{_SCRIPT}</script></body></html>" if sortable else "</body></html>"
+    return "\n".join(head + body + [tail]) + "\n"
 
 
 def _per_class_table(evaluation) -> str:
@@ -307,8 +339,7 @@ def _figure(kind: str, index: int, picture: Picture | None, evaluation, probabil
     top = ", ".join(f"{_e(evaluation.classes[i])} {probabilities[index, i]:.3f}" for i in best)
     image = ""
     if picture is not None:
-        encoded = base64.b64encode(picture.jpeg).decode("ascii")
-        image = (f'<img src="data:image/jpeg;base64,{encoded}" '
+        image = (f'<img src="{jpeg_data_url(picture.jpeg)}" '
                  f'alt="{_e(example.path)}: as the network saw it, and Grad-CAM for '
                  f'{_e(picture.explained)}">')  # fmt: skip
     return (
@@ -363,17 +394,8 @@ def render(
               ("mistakes", f"{int((predicted != labels).sum()):,}")]  # fmt: skip
     title = f"{evaluation.split}: top-1 {evaluation.top1:.4f} ({where})"
     out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        # Nothing may load from anywhere: the file must look the same offline and as an attachment.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">",
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>finetune evaluation — {_e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>Evaluation on the {_e(evaluation.split)} split</h1>",
-        '<div class="headline">'
-        + "".join(f'<div class="stat" id="stat-{_e(name)}">{_e(name)}<b>{_e(value)}</b></div>' for name, value in stats)
-        + "</div>",
+        headline(stats),
         f'<p class="meta">model: <code>{_e(evaluation.source)}</code> ({_e(where)}, {_e(evaluation.precision)})<br>'
         f"dataset: <code>{_e(evaluation.dataset)}</code> (fingerprint {_e(evaluation.dataset_fingerprint[:16])})<br>"
         f"{evaluation.examples:,} examples in {evaluation.seconds:.1f} s "
@@ -410,8 +432,7 @@ def render(
             "a calibrated model's bars reach the dashed line. ECE is the example-weighted mean gap.</p>",
             _reliability_svg(bins, ece)]  # fmt: skip
     out += ["<h2>Examples by cell of the confusion matrix</h2>", _cell_lists(evaluation, labels, predicted, shown)]
-    out.append(f"<script>{_SCRIPT}</script></body></html>")
-    return "\n".join(out) + "\n"
+    return page(f"finetune evaluation — {title}", out, sortable=True)
 
 
 # ------------------------------------------------------------------------------------------------ writing

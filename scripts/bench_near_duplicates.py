@@ -3,8 +3,9 @@
     python scripts/bench_near_duplicates.py                 # 500 generated photos, copies of every 4th
     python scripts/bench_near_duplicates.py --photos 1000
 
-For generated photos (finetune/synthetic.py, 75 to 320 pixels) it makes five copies of every fourth one
-(half size, JPEG quality 60, a 5% crop from a corner, PNG, grey) and reports, per kind of copy, the largest
+For generated photos (finetune/synthetic.py, 75 to 320 pixels) it makes five kinds of copy of every fourth one
+(half size, JPEG quality 60, a 5% crop from a corner or the centre, PNG, grey), each written to a file's bytes
+and decoded as build-dataset decodes it (an RGB JPEG at a reduced scale), and reports, per kind of copy, the largest
 and 95th-percentile distance in bits and in colour to its original; then, over every pair of distinct photos,
 the mean distance, how many pairs fall within the bit threshold, and the smallest colour distance among
 those. finetune/phash.py's thresholds must sit between the two.
@@ -26,24 +27,36 @@ from finetune import phash
 from finetune.synthetic import make_image_folder
 
 
+def as_built(data: bytes) -> Image.Image:
+    """A file decoded as build-dataset's workers decode it: an RGB JPEG at a reduced scale (phash.draft)."""
+    image = Image.open(io.BytesIO(data))
+    phash.draft(image)
+    image.load()
+    return image
+
+
+def encoded(image: Image.Image, format: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
 def copies(image: Image.Image) -> dict[str, Image.Image]:
+    """Each kind of copy of ``image`` as a file would hold it (JPEG quality 90 unless said), decoded as built."""
     width, height = image.size
-
-    def reloaded(format: str, **options) -> Image.Image:
-        buffer = io.BytesIO()
-        image.save(buffer, format=format, **options)
-        return Image.open(io.BytesIO(buffer.getvalue()))
-
-    return {
-        "half": image.resize((max(1, width // 2), max(1, height // 2)), Image.Resampling.BILINEAR),
-        "jpeg60": reloaded("JPEG", quality=60),
-        "crop5_top_left": image.crop((round(width * 0.05), round(height * 0.05), width, height)),
-        "crop5_bottom_right": image.crop((0, 0, width - round(width * 0.05), height - round(height * 0.05))),
-        "crop5_centre": image.crop((round(width * 0.025), round(height * 0.025),
-                                    width - round(width * 0.025), height - round(height * 0.025))),  # fmt: skip
-        "png": reloaded("PNG"),
-        "grey": image.convert("L"),
+    cut_w, cut_h = round(width * 0.05), round(height * 0.05)
+    made = {
+        "half": encoded(image.resize((max(1, width // 2), max(1, height // 2)), Image.Resampling.BILINEAR),
+                        quality=90),  # fmt: skip
+        "jpeg60": encoded(image, quality=60),
+        "crop5_top_left": encoded(image.crop((cut_w, cut_h, width, height)), quality=90),
+        "crop5_bottom_right": encoded(image.crop((0, 0, width - cut_w, height - cut_h)), quality=90),
+        "crop5_centre": encoded(image.crop((cut_w // 2, cut_h // 2, width - cut_w // 2, height - cut_h // 2)),
+                                quality=90),  # fmt: skip
+        "png": encoded(image, "PNG"),
+        "grey": encoded(image.convert("L"), quality=90),
     }
+    return {kind: as_built(data) for kind, data in made.items()}
 
 
 def main() -> int:
@@ -56,12 +69,14 @@ def main() -> int:
         second = make_image_folder(Path(work) / "b", num_classes=3, images_per_class=args.photos * 3 // 5 // 3,
                                    seed=11, min_side=100, max_side=240)  # fmt: skip
         paths = [p for folder in (first, second) for files in folder.files.values() for p in files]
-        images = [Image.open(path).convert("RGB") for path in paths]
+        files = [path.read_bytes() for path in paths]
+    images = [as_built(data) for data in files]  # what the signatures are computed from
+    pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in files]  # what the copies are made of
     signatures = [phash.signature(image) for image in images]
     bits: dict[str, list[int]] = {}
     colour: dict[str, list[float]] = {}
-    for image, mine in list(zip(images, signatures))[::4]:
-        for kind, copy in copies(image).items():
+    for picture, mine in list(zip(pictures, signatures))[::4]:
+        for kind, copy in copies(picture).items():
             theirs = phash.signature(copy)
             bits.setdefault(kind, []).append(phash.distance(mine, theirs))
             apart = phash.colour_distance(mine.chroma, theirs.chroma)
@@ -81,6 +96,7 @@ def main() -> int:
         "distinct_mean_bits": round(float(np.mean([d for d, _, _ in distinct])), 1),
         "distinct_min_bits": min(d for d, _, _ in distinct),
         "distinct_within_bit_threshold": len(close),
+        "distinct_within_grey_threshold": sum(1 for d, _, _ in close if d <= phash.GREY_DISTANCE),
         "their_smallest_colour_distances": [round(x, 1) for x in close_colour[:5]],
         "false_pairs_after_both_checks": len(phash.close_pairs(signatures)),
     }, indent=1))  # fmt: skip
