@@ -161,6 +161,8 @@ def test_ctrl_c_stops_evaluate_watch_with_exit_130(tmp_path):
         [sys.executable, "-m", "finetune", "evaluate", "--train-dir", str(tmp_path), "--watch"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # As from a terminal: a suite started in the background (`pytest &`) passes SIGINT on ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         lines = []
