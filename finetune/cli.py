@@ -210,7 +210,7 @@ def _print_evaluation(evaluation: Any) -> None:
     print(f"report: {evaluation.report}\nconfusion matrix: {evaluation.confusion_png}")
     if evaluation.html:
         print(f"html report: {evaluation.html} ({evaluation.html_bytes / 1024:,.0f} KiB, built in "
-              f"{evaluation.html_seconds:.1f} s; ECE {evaluation.expected_calibration_error:.4f})")  # fmt: skip
+              f"{evaluation.html_seconds:.1f} s)")  # fmt: skip
 
 
 def _run_evaluate(config: Any, args: argparse.Namespace) -> int:

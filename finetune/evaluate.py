@@ -79,10 +79,11 @@ class Evaluation:
     html: str | None = None  # the HTML report written (see finetune/report.py), unless --no-html
     html_bytes: int | None = None
     html_seconds: float | None = None  # time spent building it (pictures, Grad-CAM, curves)
-    expected_calibration_error: float | None = None  # 15 equal-width confidence bins
     runtime: str | None = None  # what ran an exported .tflite or .onnx (LiteRT, onnxruntime), with its version
     checkpoint_choice: str | None = None  # which of a train dir's checkpoints: "best (step 40, ...)", "newest (...)"
-    ece: float | None = None  # expected calibration error of the probabilities as they are (15 bins)
+    # Expected calibration error of the probabilities as they are (finetune/calibration.py: 15 equal-width
+    # bins of the top-class confidence); the HTML report shows the same number.
+    ece: float | None = None
     temperature: float | None = None  # the run's fitted temperature for this checkpoint (fitted here on validation)
     ece_calibrated: float | None = None  # the ECE of softmax(logits / temperature)
     reliability_png: str | None = None
@@ -414,7 +415,6 @@ def _write_html(evaluation: Evaluation, config: EvaluateConfig, path: Path, prob
                                   train_dir, config.correct_examples)  # fmt: skip
     evaluation.html, evaluation.html_bytes = str(written.path), written.size_bytes
     evaluation.html_seconds = written.seconds
-    evaluation.expected_calibration_error = written.expected_calibration_error
     for warning in written.warnings:
         log.warning(warning)
     evaluation.warnings += written.warnings
