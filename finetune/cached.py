@@ -146,7 +146,8 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
         with tf.device("/cpu:0"):
             # Rows in the order the records would come (same seeds, same skip on resume), without reading them.
             stream = row_stream(info, "train", tables.records_per_file, repeat=True, seed=plan.seed,
-                                skip=start_step * plan.batch_size)  # fmt: skip
+                                skip=start_step * plan.batch_size, sampling=plan.sampling,
+                                labels=tables.train_labels)  # fmt: skip
             iterator = tf.compat.v1.data.make_initializable_iterator(
                 stream.batch(plan.batch_size, drop_remainder=True).prefetch(8)
             )
@@ -205,5 +206,5 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
         graph=graph, train_op=train_op, loss=loss, accuracy=accuracy, learning_rate=learning_rate,
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
         validate=validate, random_ops=random_ops, initialize=initialize,
-        validation_metrics=validation_metrics if validate else None,
+        validation_metrics=validation_metrics if validate else None, labels=labels,
     )  # fmt: skip

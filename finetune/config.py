@@ -240,6 +240,12 @@ class TrainConfig:
     class_weights: str = option(
         "none", help="'auto' weighs each class by its inverse frequency", choices=("none", "auto")
     )
+    # natural: each training image once an epoch. balanced: each class equally often an epoch (rare classes'
+    # images repeat, common ones' take turns), the other answer to imbalance than --class-weights auto.
+    sampling: str = option(
+        "natural", help="how training draws images: as the split holds them, or each class equally often per "
+        "epoch (balanced)", choices=("natural", "balanced"),
+    )  # fmt: skip
     feature_cache: str = option(
         "auto", help="train the head on cached features: auto uses them when only the head trains on "
         "unaugmented (or --augment-views) images", choices=("auto", "on", "off"),
@@ -304,6 +310,8 @@ class TrainConfig:
              "must be zero or more"),
             (self.save_minutes > 0, "--save-minutes", self.save_minutes, "must be positive"),
             (self.early_stop is None or self.early_stop >= 1, "--early-stop", self.early_stop, "must be at least 1"),
+            (self.sampling in ("natural", "balanced"), "--sampling", self.sampling,
+             "unknown; choose natural or balanced"),
             (self.augment_views >= 0, "--augment-views", self.augment_views, "must be zero or more"),
             (not (self.augment_views and self.augment is False), "--augment-views", self.augment_views,
              "caches augmented views, which --no-augment turns off; drop --no-augment or the views"),
@@ -325,7 +333,7 @@ TRAIN_OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "decay_epochs", "warmup_epochs",
     ),  # fmt: skip
     "regularisation and augmentation": (
-        "weight_decay", "label_smoothing", "dropout_keep", "augment", "class_weights", "seed",
+        "weight_decay", "label_smoothing", "dropout_keep", "augment", "class_weights", "sampling", "seed",
     ),  # fmt: skip
     "feature cache": ("feature_cache", "augment_views", "cache_dir"),
     "devices and precision": ("device", "precision", "worker_timeout"),

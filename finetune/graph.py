@@ -53,6 +53,7 @@ class TrainingGraph:
     initialize: Callable[[tf.compat.v1.Session], None] = lambda session: None  # after the variables: tables, input
     # Validation accuracy and mean cross-entropy (no smoothing, weights or decay): {"accuracy", "loss"}.
     validation_metrics: Callable[[tf.compat.v1.Session], dict[str, float]] | None = None
+    labels: tf.Tensor | None = None  # the step's batch labels: what it trains on (--sampling decides them)
 
 
 def build_training_graph(plan: Plan, start_step: int, tables: FeatureTables | None = None,
@@ -127,7 +128,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
             batches = cluster_mod.worker_batches(info, plan, cluster, start_step) if cluster else read_dataset(
                 info, "train", batch_size=plan.batch_size, image_size=plan.image_size, training=True,
                 augment=plan.augment, shuffle=True, repeat=True, seed=plan.seed, drop_remainder=True,
-                skip=start_step * plan.batch_size,
+                skip=start_step * plan.batch_size, sampling=plan.sampling,
             )  # fmt: skip
             batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
             images = tf.split(batch["image"], towers)
@@ -199,6 +200,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
         validate=validate, random_ops=random_ops,
         validation_metrics=functools.partial(validation_metrics, validation=validation) if validation else None,
+        labels=all_labels,
     )  # fmt: skip
 
 
