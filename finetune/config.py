@@ -278,6 +278,12 @@ class TrainConfig:
         None, help="validation metric that picks the best checkpoint, kept apart from rotation "
         "(default: accuracy)", choices=("accuracy", "loss"),
     )  # fmt: skip
+    # None: off. A decay d averages over about the last 1 / (1 - d) steps; docs/best-model.md suggests one per
+    # preset from the derived schedule's length (slim's 0.9999 suits runs of 100,000 steps and more).
+    ema: float | None = option(
+        None, help="keep an exponential moving average of the trained weights with this decay, e.g. 0.995; "
+        "validation, evaluate and export use it (default: off)", metavar="DECAY",
+    )  # fmt: skip
     # None: train to the end; Keras's and timm's patience is counted in validation passes, as here.
     early_stop: int | None = option(
         None, help="stop after this many validation passes without improvement (default: off)", metavar="N"
@@ -310,6 +316,8 @@ class TrainConfig:
              "must be zero or more"),
             (self.save_minutes > 0, "--save-minutes", self.save_minutes, "must be positive"),
             (self.early_stop is None or self.early_stop >= 1, "--early-stop", self.early_stop, "must be at least 1"),
+            (self.ema is None or 0 < self.ema < 1, "--ema", self.ema,
+             "must be in (0, 1), e.g. 0.995 (see docs/best-model.md)"),
             (self.sampling in ("natural", "balanced"), "--sampling", self.sampling,
              "unknown; choose natural or balanced"),
             (self.augment_views >= 0, "--augment-views", self.augment_views, "must be zero or more"),
@@ -338,7 +346,7 @@ TRAIN_OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "feature cache": ("feature_cache", "augment_views", "cache_dir"),
     "devices and precision": ("device", "precision", "worker_timeout"),
     "checkpoints and validation": (
-        "save_every", "save_minutes", "keep_checkpoints", "eval_every", "select_by", "early_stop",
+        "save_every", "save_minutes", "keep_checkpoints", "eval_every", "select_by", "early_stop", "ema",
     ),  # fmt: skip
 }
 

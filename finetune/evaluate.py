@@ -249,7 +249,8 @@ def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str
     def restore(session):
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables}).restore(session, checkpoint.path)
+        # A run trained with --ema is evaluated on its averaged weights.
+        tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint)).restore(session, checkpoint.path)
 
     return build, restore
 

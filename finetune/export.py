@@ -308,7 +308,7 @@ def export(config: ExportConfig) -> ExportResult:
         build_serving_graph(len(classes), image_size, compute_dtype, temperature)
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
+        saver = tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint))  # --ema: averages
         with tf.compat.v1.Session(graph=graph) as session:
             saver.restore(session, checkpoint.path)
             frozen = tf.compat.v1.graph_util.convert_variables_to_constants(

@@ -54,6 +54,8 @@ class TrainingGraph:
     # Validation accuracy and mean cross-entropy (no smoothing, weights or decay): {"accuracy", "loss"}.
     validation_metrics: Callable[[tf.compat.v1.Session], dict[str, float]] | None = None
     labels: tf.Tensor | None = None  # the step's batch labels: what it trains on (--sampling decides them)
+    # --ema: set each moving average to its variable's value (a new run's start, after its first values).
+    reset_averages: list = ()
 
 
 def build_training_graph(plan: Plan, start_step: int, tables: FeatureTables | None = None,
@@ -168,6 +170,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         train_op = tf.group(apply, *updates, name="train_op")
         if cluster:  # the chief's statistics on every worker, as the first tower's are with towers
             train_op = cluster_mod.broadcast_from_chief(cluster, moving_statistics(plan), after=train_op)
+        train_op, averages = with_moving_average(plan.ema, train_op, model.trainable_variables(plan.trainable_scopes))
         all_labels = tf.concat(labels, 0)
         predictions = tf.argmax(tf.concat(tower_logits, 0), axis=1)
         accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, all_labels), tf.float32))
@@ -181,7 +184,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
                                  image_size=plan.image_size, training=False)
                 )  # fmt: skip
                 val_batch = val_iterator.get_next()
-            with tf.device(plan.devices[0]), tf.name_scope("validation"):
+            with tf.device(plan.devices[0]), tf.name_scope("validation"), averaged_weights(averages):
                 val_net = model.build(val_batch["image"], len(plan.classes), reuse=True,
                                       compute_dtype=plan.compute_dtype)  # fmt: skip
                 correct = tf.reduce_sum(
@@ -192,7 +195,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
             validation = (val_iterator.initializer, correct, tf.size(val_batch["label"]), loss_sum)
             validate = functools.partial(_validate, validation=validation)
 
-        zero_head = zero_head_ops(plan)
+        zero_head, reset_averages = zero_head_ops(plan), reset_ops(averages)
         saver = tf.compat.v1.train.Saver(max_to_keep=plan.keep_checkpoints, save_relative_paths=True)
         restore_variables = model.variables_to_restore(plan.exclude_scopes) if plan.checkpoint else []
     return TrainingGraph(
@@ -200,7 +203,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
         validate=validate, random_ops=random_ops,
         validation_metrics=functools.partial(validation_metrics, validation=validation) if validation else None,
-        labels=all_labels,
+        labels=all_labels, reset_averages=reset_averages,
     )  # fmt: skip
 
 
@@ -217,6 +220,47 @@ def start_fresh(session, built: TrainingGraph, checkpoint: model.Checkpoint | No
     if checkpoint:
         model.restore(session, restored, checkpoint)
     session.run(built.zero_head)
+    session.run(list(built.reset_averages))
+
+
+def with_moving_average(decay: float | None, train_op, variables: list):
+    """``--ema DECAY``: the step followed by an update of each variable's exponential moving average,
+    average = decay * average + (1 - decay) * value; returns (that op, the ExponentialMovingAverage) or, without
+    a decay, (``train_op``, None). The averages are variables of their own (``<name>/ExponentialMovingAverage``),
+    so every Saver made afterwards saves them beside the weights.
+    """
+    from finetune.compat import tf
+
+    if not decay:
+        return train_op, None
+    averages = tf.compat.v1.train.ExponentialMovingAverage(decay)
+    with tf.control_dependencies([train_op]):
+        update = averages.apply(variables)  # the averages' variables are made outside the dependency
+    return tf.group(update, name="train_op_and_average"), averages
+
+
+def averaged_weights(averages):
+    """A variable scope in which the network is built on the moving averages (validation passes), or a no-op."""
+    from finetune.compat import tf
+
+    if averages is None:
+        return contextlib.nullcontext()
+
+    def getter(next_getter, *args, **kwargs):
+        variable = next_getter(*args, **kwargs)
+        return averages.average(variable) or variable
+
+    return tf.compat.v1.variable_scope(tf.compat.v1.get_variable_scope(), custom_getter=getter)
+
+
+def reset_ops(averages) -> list:
+    """Ops setting each average to its variable's value: a new run's averages start where its weights do."""
+    if averages is None:
+        return []
+    from finetune.compat import tf
+
+    return [tf.compat.v1.assign(averages.average(v), v) for v in tf.compat.v1.global_variables()
+            if averages.average(v) is not None]  # fmt: skip
 
 
 def zero_head_ops(plan: Plan) -> list:

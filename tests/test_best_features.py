@@ -131,3 +131,107 @@ def test_balanced_sampling_with_class_weights_warns_once_and_a_resume_keeps_the_
         _check_resumed_settings(tmp_path / "run", plan)
     with pytest.raises(FinetuneError, match="--sampling even: unknown"):
         TrainConfig(dataset="d", train_dir="t", sampling="even")
+
+
+# ------------------------------------------------------------------------------------------- weight averaging
+
+EMA_DECAY, EMA_STEPS = 0.6, 4
+HEAD = "InceptionV3/Logits/Conv2d_1c_1x1"  # zeroed at the start of a new run: the trajectory starts at 0
+
+
+@pytest.fixture(scope="module")
+def ema_run(imbalanced, standin_checkpoint, tmp_path_factory):
+    """A short cached-head run with --ema, every step saved, validated every 2 steps (selected by loss)."""
+    from finetune.train import train
+
+    train_dir = tmp_path_factory.mktemp("ema") / "run"
+    config = _config(imbalanced, train_dir, standin_checkpoint, steps=EMA_STEPS, ema=EMA_DECAY, save_every=1,
+                     keep_checkpoints=EMA_STEPS + 1, eval_every=2, select_by="loss", learning_rate=0.05)  # fmt: skip
+    result = train(config)
+    assert result.status == "completed"
+    return config, train_dir, result
+
+
+def _tensors(checkpoint: str, *names: str) -> list[np.ndarray]:
+    from finetune.compat import tf
+
+    reader = tf.compat.v1.train.NewCheckpointReader(checkpoint)
+    return [reader.get_tensor(name) for name in names]
+
+
+def _closed_form_average(trajectory: list[np.ndarray], decay: float) -> np.ndarray:
+    """sum over i of w_i * v_i: the start v_0 weighs decay^k, step i's value (1 - decay) * decay^(k - i)."""
+    k = len(trajectory) - 1
+    weights = [decay**k] + [(1 - decay) * decay ** (k - i) for i in range(1, k + 1)]
+    return sum(w * np.asarray(v, np.float64) for w, v in zip(weights, trajectory))
+
+
+def _check_averages_follow_the_trajectory(train_dir: Path, steps: int, decay: float) -> None:
+    for name in (f"{HEAD}/weights", f"{HEAD}/biases"):
+        values = [_tensors(str(train_dir / f"model.ckpt-{step}"), name)[0] for step in range(1, steps + 1)]
+        (average,) = _tensors(str(train_dir / f"model.ckpt-{steps}"), f"{name}/ExponentialMovingAverage")
+        trajectory = [np.zeros_like(values[0])] + values
+        assert np.abs(values[-1]).max() > 0, "the head must have moved for the test to mean anything"
+        expected = _closed_form_average(trajectory, decay)
+        assert np.allclose(average, expected, rtol=1e-5, atol=1e-7), name
+        assert not np.allclose(average, values[-1], rtol=1e-3), "the average must differ from the weights"
+
+
+@pytest.mark.slow
+def test_ema_follows_the_closed_form_average_and_validation_judges_it(ema_run):
+    from finetune import rundir
+    from finetune.cached import cached_features
+    from finetune.calibration import negative_log_likelihood
+    from finetune.plan import plan_training
+
+    config, train_dir, _ = ema_run
+    _check_averages_follow_the_trajectory(train_dir, EMA_STEPS, EMA_DECAY)
+    # Each validation pass measured the averaged head: its loss is the averages' loss on the cached features.
+    tables = cached_features(plan_training(config))
+    for step, loss in rundir.read_best(train_dir).passes:
+        weights, biases = _tensors(str(train_dir / f"model.ckpt-{step}"), f"{HEAD}/weights/ExponentialMovingAverage",
+                                   f"{HEAD}/biases/ExponentialMovingAverage")  # fmt: skip
+        logits = tables.validation @ weights.reshape(2048, -1) + biases
+        assert loss == pytest.approx(negative_log_likelihood(logits, tables.validation_labels), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_ema_on_the_network_path(imbalanced, standin_checkpoint, tmp_path):
+    from finetune.train import train
+
+    steps = 3
+    train(_config(imbalanced, tmp_path / "run", standin_checkpoint, steps=steps, ema=0.5, save_every=1,
+                  eval_every=0, feature_cache="off", learning_rate=0.05))  # fmt: skip
+    _check_averages_follow_the_trajectory(tmp_path / "run", steps, 0.5)
+
+
+@pytest.mark.slow
+def test_evaluate_and_export_take_the_averaged_weights(ema_run, tmp_path):
+    from finetune.compat import tf
+    from finetune.config import EvaluateConfig, ExportConfig
+    from finetune.evaluate import evaluate
+    from finetune.cached import cached_features
+    from finetune.export import export
+    from finetune.plan import plan_training
+
+    config, train_dir, result = ema_run
+    exported = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "model.pb")))
+    checkpoint = str(train_dir / "best" / f"model.ckpt-{exported.global_step}")
+    graph_def = tf.compat.v1.GraphDef.FromString((tmp_path / "model.pb").read_bytes())
+    constants = {node.name: tf.make_ndarray(node.attr["value"].tensor) for node in graph_def.node
+                 if node.op == "Const" and node.name.startswith(HEAD)}  # fmt: skip
+    average, raw = _tensors(checkpoint, f"{HEAD}/weights/ExponentialMovingAverage", f"{HEAD}/weights")
+    assert np.array_equal(constants[f"{HEAD}/weights"], average) and not np.allclose(average, raw)
+    # evaluate restores the same averages: its predictions are the averaged head's on the cached features.
+    evaluation = evaluate(EvaluateConfig(train_dir=str(train_dir), html=False))
+    assert evaluation.global_step == result.best_step
+    tables = cached_features(plan_training(config))
+    (biases,) = _tensors(checkpoint, f"{HEAD}/biases/ExponentialMovingAverage")
+    predicted = (tables.validation @ average.reshape(2048, -1) + biases).argmax(1)
+    assert [p.predicted for p in evaluation.predictions] == [evaluation.classes[i] for i in predicted]
+
+
+def test_ema_outside_zero_to_one_is_refused(capsys):
+    for value in ("0", "1", "1.5", "-0.1"):
+        assert cli.main(["train", "--dataset", "d", "--train-dir", "t", "--ema", value]) == 1
+        assert f"error: --ema {float(value)}: must be in (0, 1)" in capsys.readouterr().err
