@@ -56,6 +56,7 @@ PRECISIONS = ("fp32", "bf16")
 # What `finetune export --format` writes (finetune/modelfile.py owns the files) and how a .tflite is quantized.
 EXPORT_FORMATS = ("pb", "saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+TTA_MODES = ("none", "flip", "crops")  # evaluate's test-time augmentation; export bakes in none or flip
 _SIZE_RANGE = f"{network.MIN_IMAGE_SIZE} to {network.MAX_IMAGE_SIZE}"  # the input sizes slim's InceptionV3 takes
 
 
@@ -380,6 +381,12 @@ class EvaluateConfig:
     correct_examples: int = option(
         2, help="correct examples per class shown in the HTML report, beside the mistakes", metavar="N"
     )
+    # none: one pass. flip: each image and its mirror image (2x compute); crops: those two and the four corner
+    # and the centre crops of 87.5% of the side, resized back (7x). The report gives top-1 without it too.
+    tta: str = option(
+        "none", help="test-time augmentation: average the probabilities over a horizontal flip, or over the "
+        "flip and five crops", choices=TTA_MODES,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -388,6 +395,8 @@ class EvaluateConfig:
             _fail("--mistakes", self.mistakes, "must be zero or more")
         if self.correct_examples < 0:
             _fail("--correct-examples", self.correct_examples, "must be zero or more")
+        if self.tta not in TTA_MODES:
+            _fail("--tta", self.tta, f"unknown; choose one of {', '.join(TTA_MODES)}")
         check_precision(self.precision)
 
 
@@ -427,6 +436,11 @@ class ExportConfig:
     calibrate: bool = option(
         True, help="fold the temperature fitted on the validation split into `probabilities` (see model.json)"
     )
+    # none: one pass per image. flip: the graph runs each image and its mirror image and averages (2x compute).
+    tta: str = option(
+        "none", help="bake test-time augmentation into the .pb and SavedModel: the mean over each image and "
+        "its horizontal flip (2x compute)", choices=TTA_MODES[:2],
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -443,6 +457,11 @@ class ExportConfig:
                   "(--quantize float16 makes a half-size .tflite)")  # fmt: skip
         if self.calibration_images < 1:
             _fail("--calibration-images", self.calibration_images, "must be at least 1")
+        if self.tta not in TTA_MODES[:2]:
+            _fail("--tta", self.tta, "unknown for export; choose none or flip (evaluate --tta crops measures more)")
+        if self.tta != "none" and {"tflite", "onnx"} & set(self.format):
+            _fail("--tta", self.tta, "the .tflite and .onnx are converted from the `input` path without test-time "
+                  "augmentation (not verified with their converters); export them in a run without --tta")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,7 @@ def write_model(
     others: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
     saved_model: Callable[[Path], None] | None = None,
     temperature: float | None = None,
+    tta: str = "none",
 ) -> tuple[Path, Path]:
     """Writes the model files of one export and their two sidecars; returns (labels path, model.json path).
 
@@ -257,6 +258,8 @@ def write_model(
                            compute_dtype=compute_dtype, checkpoint=checkpoint, global_step=global_step,
                            dataset=dataset, dataset_fingerprint=dataset_fingerprint,
                            pretrained_from=pretrained_from, temperature=temperature)  # fmt: skip
+    # "flip": probabilities (and logits) are the means over each image and its mirror image (2x compute).
+    sidecar["test_time_augmentation"] = tta
     sidecar["formats"] = {**_earlier_formats(out, sidecar), **formats}
     files = []
     if graph is not None:

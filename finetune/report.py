@@ -352,6 +352,9 @@ def render(
     ece, bins = calibration(probabilities, labels)
     where = f"step {evaluation.global_step}" if evaluation.global_step is not None else "exported model"
     stats = [("top-1", f"{evaluation.top1:.4f}")]
+    if getattr(evaluation, "tta", "none") != "none":
+        stats = [(f"top-1 ({evaluation.tta} TTA)", f"{evaluation.top1:.4f}"),
+                 ("top-1 without TTA", f"{evaluation.top1_without_tta:.4f}")]  # fmt: skip
     if evaluation.top5 is not None:
         stats.append(("top-5", f"{evaluation.top5:.4f}"))
     stats += [("examples", f"{evaluation.examples:,}"), ("classes", str(len(classes))), ("ECE", f"{ece:.4f}"),

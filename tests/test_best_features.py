@@ -235,3 +235,61 @@ def test_ema_outside_zero_to_one_is_refused(capsys):
     for value in ("0", "1", "1.5", "-0.1"):
         assert cli.main(["train", "--dataset", "d", "--train-dir", "t", "--ema", value]) == 1
         assert f"error: --ema {float(value)}: must be in (0, 1)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- test-time augmentation
+
+
+def _run_pb(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from finetune.compat import tf
+
+    graph_def = tf.compat.v1.GraphDef.FromString(path.read_bytes())
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        return tuple(session.run(["probabilities:0", "logits:0"], {"input:0": images}))
+
+
+@pytest.mark.slow
+def test_tta_flip_averages_the_image_and_its_mirror_in_export_and_evaluate(ema_run, tmp_path, capsys):
+    from finetune.compat import tf
+    from finetune.config import EvaluateConfig, ExportConfig
+    from finetune.dataset import load_dataset, read_dataset
+    from finetune.evaluate import evaluate
+    from finetune.export import export
+
+    config, train_dir, _ = ema_run
+    plain_pb, flip_pb = tmp_path / "plain.pb", tmp_path / "flip.pb"
+    export(ExportConfig(train_dir=str(train_dir), out=str(plain_pb), calibrate=False))
+    assert export(ExportConfig(train_dir=str(train_dir), out=str(flip_pb), calibrate=False, tta="flip")).tta == "flip"
+    import json
+
+    assert json.loads((tmp_path / "flip.json").read_text())["test_time_augmentation"] == "flip"
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:  # the validation images, preprocessed
+        batches = read_dataset(load_dataset(config.dataset), "validation", batch_size=100, image_size=75,
+                               training=False)  # fmt: skip
+        batch = session.run(tf.compat.v1.data.make_one_shot_iterator(batches).get_next())
+    images, labels = batch["image"], batch["label"]
+    by_hand = (_run_pb(plain_pb, images)[0] + _run_pb(plain_pb, images[:, :, ::-1, :].copy())[0]) / 2
+    assert np.allclose(_run_pb(flip_pb, images)[0], by_hand, atol=1e-6)
+    assert not np.allclose(by_hand, _run_pb(plain_pb, images)[0], atol=1e-4), "the flip must change something"
+
+    # evaluate: the same pass gives top-1 with the flip and without it.
+    plain_top1 = float((_run_pb(plain_pb, images)[0].argmax(1) == labels).mean())
+    flipped = evaluate(EvaluateConfig(train_dir=str(train_dir), html=False, tta="flip"))
+    assert flipped.tta == "flip" and flipped.top1_without_tta == pytest.approx(plain_top1)
+    assert flipped.top1 == pytest.approx(float((by_hand.argmax(1) == labels).mean()))
+    assert cli.main(["evaluate", "--train-dir", str(train_dir), "--tta", "crops", "--no-html"]) == 0
+    assert "test-time augmentation crops: top-1 " in capsys.readouterr().out
+    report = json.loads((train_dir / "eval-validation.json").read_text())
+    assert report["tta"] == "crops" and report["top1_without_tta"] == pytest.approx(plain_top1)
+
+
+def test_tta_is_refused_for_the_converted_formats_and_unknown_modes():
+    from finetune.config import EvaluateConfig, ExportConfig
+
+    with pytest.raises(FinetuneError, match=r"--tta flip: the \.tflite and \.onnx"):
+        ExportConfig(train_dir="t", tta="flip", format=("pb", "tflite"))
+    with pytest.raises(FinetuneError, match="--tta crops: unknown for export"):
+        ExportConfig(train_dir="t", tta="crops")
+    with pytest.raises(FinetuneError, match="--tta mirror: unknown"):
+        EvaluateConfig(train_dir="t", tta="mirror")
