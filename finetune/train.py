@@ -116,6 +116,9 @@ def _log_summary(plan: Plan, trainable_parameters: int, resume_from: str | None,
         log.info(f"  {note}")
     log.info(f"devices: {', '.join(plan.devices)}")
     log.info(f"feature cache: {plan.feature_cache_reason}")
+    if plan.sampling != "natural" or plan.ema:
+        averaging = f"; weights averaged, decay {plan.ema:g} (validation, evaluate and export use the averages)"
+        log.info(f"sampling: {plan.sampling}" + (averaging if plan.ema else ""))
     for warning in warnings:
         log.warning(warning)
 
