@@ -23,7 +23,8 @@ import numpy as np
 
 from finetune import cluster as cluster_mod
 from finetune import model, rundir, schedule
-from finetune.graph import TrainingGraph, session_config, stateful_random_ops, tower_loss, zero_head_ops
+from finetune.graph import (TrainingGraph, reset_ops, session_config, stateful_random_ops, tower_loss,
+                            with_moving_average, zero_head_ops)  # fmt: skip
 from finetune.plan import Plan, schedule_of
 
 log = logging.getLogger("finetune")
@@ -149,11 +150,11 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
             by_name = {v.op.name: v for v in model.model_variables()}
             weights = by_name[f"{model.LOGITS_SCOPE}/Conv2d_1c_1x1/weights"]
             biases = by_name[f"{model.LOGITS_SCOPE}/Conv2d_1c_1x1/biases"]
-            kernel = tf.reshape(weights, [model.FEATURE_SIZE, classes])  # slim's 1x1 conv, as a matmul
 
-            def head(values, training: bool):
+            def head(values, training: bool, weights=weights, biases=biases):
                 if training and plan.dropout_keep < 1:
                     values = tf.nn.dropout(values, rate=1 - plan.dropout_keep)
+                kernel = tf.reshape(weights, [model.FEATURE_SIZE, classes])  # slim's 1x1 conv, as a matmul
                 return tf.matmul(values, kernel) + biases
 
             logits = head(features, training=True)
@@ -163,10 +164,13 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
                 loss, global_step=global_step, var_list=[weights, biases]
             )
             random_ops = stateful_random_ops(graph.get_operations()[first_head_op:])
+            train_op, averages = with_moving_average(plan.ema, train_op, [weights, biases])
+            # Validation passes judge the averaged weights (--ema), as evaluate and export will.
+            averaged = (averages.average(weights), averages.average(biases)) if averages else (weights, biases)
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
         validate = validation_metrics = None
         if tables.validation is not None:
-            validate, validation_metrics, validation_feeds = _validation(tables, head)
+            validate, validation_metrics, validation_feeds = _validation(tables, head, averaged)
             feeds.update(validation_feeds)
 
         def initialize(session) -> None:
@@ -174,13 +178,14 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
                 session.run(initializer, feed)
             session.run(iterator.initializer)
 
-        zero_head = zero_head_ops(plan)
+        zero_head, reset_averages = zero_head_ops(plan), reset_ops(averages)
         saver = tf.compat.v1.train.Saver(max_to_keep=plan.keep_checkpoints, save_relative_paths=True)
         restore_variables = model.variables_to_restore(plan.exclude_scopes)
     return TrainingGraph(
         graph=graph, train_op=train_op, loss=loss, accuracy=accuracy, learning_rate=learning_rate,
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
         validate=validate, random_ops=random_ops, initialize=initialize, validation_metrics=validation_metrics,
+        labels=labels, reset_averages=reset_averages,
     )  # fmt: skip
 
 
@@ -194,7 +199,8 @@ def _train_rows(info, plan: Plan, tables: FeatureTables, start_step: int) -> tup
     from finetune.dataset import row_stream
 
     stream = row_stream(info, "train", tables.records_per_file, repeat=True, seed=plan.seed,
-                        skip=start_step * plan.batch_size)  # fmt: skip
+                        skip=start_step * plan.batch_size, sampling=plan.sampling,
+                        labels=tables.train_labels)  # fmt: skip
     iterator = tf.compat.v1.data.make_initializable_iterator(
         stream.batch(plan.batch_size, drop_remainder=True).prefetch(8)
     )
@@ -209,14 +215,15 @@ def _train_rows(info, plan: Plan, tables: FeatureTables, start_step: int) -> tup
     return features, labels, iterator, {train_table.initializer: {train_values: tables.train}}
 
 
-def _validation(tables: FeatureTables, head) -> tuple:
-    """The head on the whole validation table: (accuracy, accuracy-and-loss, the table's initializer feed)."""
+def _validation(tables: FeatureTables, head, averaged: tuple) -> tuple:
+    """The head, with the weights validation judges (``averaged``: the moving averages with --ema, else the
+    weights), on the whole validation table: (accuracy, accuracy-and-loss, the table's initializer feed)."""
     from finetune.compat import tf
 
     validation_values = tf.compat.v1.placeholder(tf.float32, tables.validation.shape)
     local = [tf.compat.v1.GraphKeys.LOCAL_VARIABLES]  # not saved: the cache holds them
     validation_table = tf.compat.v1.Variable(validation_values, trainable=False, collections=local)
-    validation_logits = head(validation_table, training=False)
+    validation_logits = head(validation_table, False, *averaged)
     hits = tf.equal(tf.argmax(validation_logits, 1), tables.validation_labels)
     validation_accuracy = tf.reduce_mean(tf.cast(hits, tf.float64))
     validation_loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(

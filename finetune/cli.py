@@ -190,6 +190,9 @@ def _print_evaluation(evaluation: Any) -> None:
     if evaluation.top5 is not None:
         line += f", top-5 {evaluation.top5:.4f}"
     print(f"{line} over {evaluation.examples} examples ({where})")
+    if getattr(evaluation, "tta", "none") != "none":
+        print(f"test-time augmentation {evaluation.tta}: top-1 {evaluation.top1:.4f}, without it "
+              f"{evaluation.top1_without_tta:.4f}")  # fmt: skip
     scores = Table("class", "precision", "recall", "F1", "support", title="per class")
     for row in evaluation.per_class:
         scores.add_row(row.name, f"{row.precision:.3f}", f"{row.recall:.3f}", f"{row.f1:.3f}", str(row.support))
@@ -210,7 +213,7 @@ def _print_evaluation(evaluation: Any) -> None:
     print(f"report: {evaluation.report}\nconfusion matrix: {evaluation.confusion_png}")
     if evaluation.html:
         print(f"html report: {evaluation.html} ({evaluation.html_bytes / 1024:,.0f} KiB, built in "
-              f"{evaluation.html_seconds:.1f} s; ECE {evaluation.expected_calibration_error:.4f})")  # fmt: skip
+              f"{evaluation.html_seconds:.1f} s)")  # fmt: skip
 
 
 def _run_evaluate(config: Any, args: argparse.Namespace) -> int:
@@ -243,6 +246,9 @@ def _run_export(config: Any, args: argparse.Namespace) -> int:
             print(f"checkpoint: the {result.checkpoint_choice} one")
         if result.temperature:
             print(f"probabilities calibrated: softmax(logits / {result.temperature:.3f}); logits unchanged")
+        if result.tta != "none":
+            print(f"test-time augmentation {result.tta}: the graph averages each image and its mirror image "
+                  "(2x compute)")  # fmt: skip
         print(f"labels: {result.labels}; sidecar: {result.sidecar}")
         if result.saved_model:
             print(f"SavedModel: {result.saved_model}")

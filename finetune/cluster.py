@@ -335,7 +335,7 @@ def worker_batches(info, plan, cluster: Cluster, start_step: int):
 
     per_worker, size = plan.batch_size, cluster.size
     stream = record_stream(info, "train", shuffle=True, repeat=True, seed=plan.seed,
-                           skip=start_step * per_worker * size)  # fmt: skip
+                           skip=start_step * per_worker * size, sampling=plan.sampling)  # fmt: skip
     start = cluster.index * per_worker
     mine = (
         stream.batch(per_worker * size, drop_remainder=True)

@@ -56,6 +56,7 @@ PRECISIONS = ("fp32", "bf16")
 # What `finetune export --format` writes (finetune/modelfile.py owns the files) and how a .tflite is quantized.
 EXPORT_FORMATS = ("pb", "saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+TTA_MODES = ("none", "flip", "crops")  # evaluate's test-time augmentation; export bakes in none or flip
 _SIZE_RANGE = f"{network.MIN_IMAGE_SIZE} to {network.MAX_IMAGE_SIZE}"  # the input sizes slim's InceptionV3 takes
 
 
@@ -240,6 +241,12 @@ class TrainConfig:
     class_weights: str = option(
         "none", help="'auto' weighs each class by its inverse frequency", choices=("none", "auto")
     )
+    # natural: each training image once an epoch. balanced: each class equally often an epoch (rare classes'
+    # images repeat, common ones' take turns), the other answer to imbalance than --class-weights auto.
+    sampling: str = option(
+        "natural", help="how training draws images: as the split holds them, or each class equally often per "
+        "epoch (balanced)", choices=("natural", "balanced"),
+    )  # fmt: skip
     feature_cache: str = option(
         "auto", help="train the head on cached features: auto uses them when only the head trains on "
         "unaugmented (or --augment-views) images", choices=("auto", "on", "off"),
@@ -271,6 +278,12 @@ class TrainConfig:
     select_by: str | None = option(
         None, help="validation metric that picks the best checkpoint, kept apart from rotation "
         "(default: accuracy)", choices=("accuracy", "loss"),
+    )  # fmt: skip
+    # None: off. A decay d averages over about the last 1 / (1 - d) steps; docs/best-model.md suggests one per
+    # preset from the derived schedule's length (slim's 0.9999 suits runs of 100,000 steps and more).
+    ema: float | None = option(
+        None, help="keep an exponential moving average of the trained weights with this decay, e.g. 0.995; "
+        "validation, evaluate and export use it (default: off)", metavar="DECAY",
     )  # fmt: skip
     # None: train to the end; Keras's and timm's patience is counted in validation passes, as here.
     early_stop: int | None = option(
@@ -304,6 +317,10 @@ class TrainConfig:
              "must be zero or more"),
             (self.save_minutes > 0, "--save-minutes", self.save_minutes, "must be positive"),
             (self.early_stop is None or self.early_stop >= 1, "--early-stop", self.early_stop, "must be at least 1"),
+            (self.ema is None or 0 < self.ema < 1, "--ema", self.ema,
+             "must be in (0, 1), e.g. 0.995 (see docs/best-model.md)"),
+            (self.sampling in ("natural", "balanced"), "--sampling", self.sampling,
+             "unknown; choose natural or balanced"),
             (self.augment_views >= 0, "--augment-views", self.augment_views, "must be zero or more"),
             (not (self.augment_views and self.augment is False), "--augment-views", self.augment_views,
              "caches augmented views, which --no-augment turns off; drop --no-augment or the views"),
@@ -325,12 +342,12 @@ TRAIN_OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "decay_epochs", "warmup_epochs",
     ),  # fmt: skip
     "regularisation and augmentation": (
-        "weight_decay", "label_smoothing", "dropout_keep", "augment", "class_weights", "seed",
+        "weight_decay", "label_smoothing", "dropout_keep", "augment", "class_weights", "sampling", "seed",
     ),  # fmt: skip
     "feature cache": ("feature_cache", "augment_views", "cache_dir"),
     "devices and precision": ("device", "precision", "worker_timeout"),
     "checkpoints and validation": (
-        "save_every", "save_minutes", "keep_checkpoints", "eval_every", "select_by", "early_stop",
+        "save_every", "save_minutes", "keep_checkpoints", "eval_every", "select_by", "early_stop", "ema",
     ),  # fmt: skip
 }
 
@@ -364,6 +381,12 @@ class EvaluateConfig:
     correct_examples: int = option(
         2, help="correct examples per class shown in the HTML report, beside the mistakes", metavar="N"
     )
+    # none: one pass. flip: each image and its mirror image (2x compute); crops: those two and the four corner
+    # and the centre crops of 87.5% of the side, resized back (7x). The report gives top-1 without it too.
+    tta: str = option(
+        "none", help="test-time augmentation: average the probabilities over a horizontal flip, or over the "
+        "flip and five crops", choices=TTA_MODES,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -372,6 +395,8 @@ class EvaluateConfig:
             _fail("--mistakes", self.mistakes, "must be zero or more")
         if self.correct_examples < 0:
             _fail("--correct-examples", self.correct_examples, "must be zero or more")
+        if self.tta not in TTA_MODES:
+            _fail("--tta", self.tta, f"unknown; choose one of {', '.join(TTA_MODES)}")
         check_precision(self.precision)
 
 
@@ -411,6 +436,11 @@ class ExportConfig:
     calibrate: bool = option(
         True, help="fold the temperature fitted on the validation split into `probabilities` (see model.json)"
     )
+    # none: one pass per image. flip: the graph runs each image and its mirror image and averages (2x compute).
+    tta: str = option(
+        "none", help="bake test-time augmentation into the .pb and SavedModel: the mean over each image and "
+        "its horizontal flip (2x compute)", choices=TTA_MODES[:2],
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -427,6 +457,11 @@ class ExportConfig:
                   "(--quantize float16 makes a half-size .tflite)")  # fmt: skip
         if self.calibration_images < 1:
             _fail("--calibration-images", self.calibration_images, "must be at least 1")
+        if self.tta not in TTA_MODES[:2]:
+            _fail("--tta", self.tta, "unknown for export; choose none or flip (evaluate --tta crops measures more)")
+        if self.tta != "none" and {"tflite", "onnx"} & set(self.format):
+            _fail("--tta", self.tta, "the .tflite and .onnx are converted from the `input` path without test-time "
+                  "augmentation (not verified with their converters); export them in a run without --tta")  # fmt: skip
 
 
 @dataclass(frozen=True)

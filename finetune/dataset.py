@@ -1006,6 +1006,9 @@ def _shuffle_buffer(info: DatasetInfo, split: str) -> int:
     return max(1, min(count, SHUFFLE_BUFFER_BYTES // average))
 
 
+SAMPLINGS = ("natural", "balanced")  # how training draws examples: as the split holds them, or classes equally
+
+
 def record_stream(
     info: DatasetInfo,
     split: str,
@@ -1014,6 +1017,7 @@ def record_stream(
     repeat: bool = False,
     seed: int | None = None,
     skip: int = 0,
+    sampling: str = "natural",
 ) -> "tf.data.Dataset":
     """The split's serialized records paired with a stateless seed each, in the order training meets them.
 
@@ -1029,10 +1033,22 @@ def record_stream(
         seed: makes the order and the seeds reproducible; None draws a fresh seed.
         skip: records to pass over (with their seeds) before the stream starts: a resumed run continues
             where an uninterrupted one would be, at the cost of reading records only.
+        sampling: "balanced" draws every class equally often (within one) in each run of as many records
+            as the split holds (see :func:`_balanced`); it holds the split's records in memory and implies
+            shuffle. "natural": each record once a pass.
     """
     from finetune.compat import tf
 
     files = [str(path) for path in info.files(split)]
+    if sampling == "balanced":
+        features = {"image/class/label": tf.io.FixedLenFeature([], tf.int64)}
+        in_file_order = tf.data.Dataset.from_tensor_slices(files).flat_map(tf.data.TFRecordDataset)
+
+        def of_class(label: int):
+            return in_file_order.filter(lambda r: tf.equal(tf.io.parse_single_example(r, features)
+                                                           ["image/class/label"], label)).cache()  # fmt: skip
+
+        return _balanced(of_class, info.class_counts[split], seed=seed, repeat=repeat, skip=skip)
     return _in_training_order(
         tf.data.Dataset.from_tensor_slices(files), tf.data.TFRecordDataset, len(files),
         _shuffle_buffer(info, split), shuffle=shuffle, repeat=repeat, seed=seed, skip=skip,
@@ -1040,8 +1056,9 @@ def record_stream(
 
 
 def row_stream(
-    info: DatasetInfo, split: str, records_per_file: list[int], *, repeat: bool, seed: int, skip: int = 0
-) -> "tf.data.Dataset":
+    info: DatasetInfo, split: str, records_per_file: list[int], *, repeat: bool, seed: int, skip: int = 0,
+    sampling: str = "natural", labels=None,
+) -> "tf.data.Dataset":  # fmt: skip
     """Like a shuffled :func:`record_stream`, but each record is its row: its index in file order.
 
     The shuffles only ever see element positions, so ``(row, seed pair)`` comes out in exactly the order
@@ -1050,6 +1067,7 @@ def row_stream(
 
     Args:
         records_per_file: how many records each of the split's shards holds, in shard order.
+        sampling: as in record_stream; "balanced" needs ``labels``, every row's class id in file order.
     """
     import numpy as np
 
@@ -1057,6 +1075,13 @@ def row_stream(
 
     if len(records_per_file) != len(info.files(split)):
         raise ValueError(f"{len(records_per_file)} record counts for {len(info.files(split))} {split} shards")
+    if sampling == "balanced":
+        if labels is None or len(labels) != sum(records_per_file):
+            raise ValueError("balanced sampling needs the label of every row, in file order")
+        labels = np.asarray(labels, np.int64)
+        counts = np.bincount(labels, minlength=len(info.classes)).tolist()
+        return _balanced(lambda label: tf.data.Dataset.from_tensor_slices(np.flatnonzero(labels == label)),
+                         counts, seed=seed, repeat=repeat, skip=skip)  # fmt: skip
     ends = np.cumsum(records_per_file)
     starts = tf.constant(ends - np.asarray(records_per_file), tf.int64)
     ends = tf.constant(ends, tf.int64)
@@ -1065,6 +1090,33 @@ def row_stream(
         lambda index: tf.data.Dataset.range(starts[index], ends[index]),
         len(records_per_file), _shuffle_buffer(info, split), shuffle=True, repeat=repeat, seed=seed, skip=skip,
     )  # fmt: skip
+
+
+def _balanced(of_class, counts: list[int], *, seed: int | None, repeat: bool, skip: int):
+    """Every class equally often: each run of ``sum(counts)`` elements (an epoch) holds each class present
+    ``sum // classes`` or one more times, the classes in a seeded shuffle of that pattern.
+
+    ``of_class(label)`` is the class's elements in file order (records or rows, so both paths meet the
+    same sequence). Each class is drawn from its own seeded reshuffle, repeated as often as needed: a rare
+    class's examples come back several times an epoch, a common class's take turns over epochs. The order
+    depends on the seed alone, and ``skip`` passes over elements as in :func:`_in_training_order`.
+    """
+    import numpy as np
+
+    from finetune.compat import tf
+
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    present = [label for label, count in enumerate(counts) if count]
+    total = sum(counts)
+    pattern = np.arange(total, dtype=np.int64) % len(present)  # indices into ``present``
+    choices = tf.data.Dataset.from_tensor_slices(pattern).shuffle(total, seed=seed, reshuffle_each_iteration=True)
+    choices = choices.repeat() if repeat else choices
+    streams = [of_class(label).shuffle(counts[label], seed=seed + 1 + label, reshuffle_each_iteration=True).repeat()
+               for label in present]  # fmt: skip
+    records = tf.data.Dataset.choose_from_datasets(streams, choices)
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    return tf.data.Dataset.zip(records, seeds).skip(skip)
 
 
 def _in_training_order(files, open_file, file_count: int, buffer: int, *, shuffle, repeat, seed, skip):
@@ -1150,6 +1202,7 @@ def read_dataset(
     drop_remainder: bool = False,
     num_parallel_calls: int | None = None,
     skip: int = 0,
+    sampling: str = "natural",
 ) -> "tf.data.Dataset":
     """A tf.data pipeline over one split: batches of ``{"image", "label", "path"}``.
 
@@ -1174,6 +1227,7 @@ def read_dataset(
         skip: examples of the stream to pass over before anything is decoded, with their augmentation
             seeds, so a resumed run continues exactly where an uninterrupted one would be, at the cost of
             reading records only.
+        sampling: "natural" or "balanced" (every class equally often per epoch; see :func:`record_stream`).
 
     Raises:
         DataError: the split is unknown or this dataset has no examples in it.
@@ -1185,7 +1239,7 @@ def read_dataset(
     shuffle = training if shuffle is None else shuffle
     augment = training and augment
     parallel = num_parallel_calls or default_workers()
-    stream = record_stream(info, split, shuffle=shuffle, repeat=repeat, seed=seed, skip=skip)
+    stream = record_stream(info, split, shuffle=shuffle, repeat=repeat, seed=seed, skip=skip, sampling=sampling)
 
     def prepare(record: tf.Tensor, pair: tf.Tensor) -> dict[str, tf.Tensor]:
         return transform_record(record, pair, image_size=image_size, augment=augment)

@@ -79,13 +79,16 @@ class Evaluation:
     html: str | None = None  # the HTML report written (see finetune/report.py), unless --no-html
     html_bytes: int | None = None
     html_seconds: float | None = None  # time spent building it (pictures, Grad-CAM, curves)
-    expected_calibration_error: float | None = None  # 15 equal-width confidence bins
     runtime: str | None = None  # what ran an exported .tflite or .onnx (LiteRT, onnxruntime), with its version
     checkpoint_choice: str | None = None  # which of a train dir's checkpoints: "best (step 40, ...)", "newest (...)"
-    ece: float | None = None  # expected calibration error of the probabilities as they are (15 bins)
+    # Expected calibration error of the probabilities as they are (finetune/calibration.py: 15 equal-width
+    # bins of the top-class confidence); the HTML report shows the same number.
+    ece: float | None = None
     temperature: float | None = None  # the run's fitted temperature for this checkpoint (fitted here on validation)
     ece_calibrated: float | None = None  # the ECE of softmax(logits / temperature)
     reliability_png: str | None = None
+    tta: str = "none"  # test-time augmentation (--tta): top1 and the rest are of the averaged probabilities
+    top1_without_tta: float | None = None  # the same pass's top-1 on the plain images alone
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -192,12 +195,15 @@ def predict_split(info, split: str, batch_size: int, image_size: int, build_prob
     from finetune.dataset import read_dataset
     from finetune.runtime import session_config
 
+    extras = {} if extras is None else extras
+
     with tf.Graph().as_default():
         with tf.device("/cpu:0"):
             batches = read_dataset(info, split, batch_size=batch_size, image_size=image_size, training=False)
             batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
         probabilities = build_probabilities(batch["image"])
         heat = tf.compat.v1.get_collection(HEAT_MAPS)[:1]
+        plain = tf.compat.v1.get_collection(PLAIN_PROBABILITIES)[:1]  # with_tta's first view
         with tf.compat.v1.Session(config=session_config()) as session:
             restore(session)
             outputs, started = [], time.monotonic()
@@ -206,7 +212,7 @@ def predict_split(info, split: str, batch_size: int, image_size: int, build_prob
             with Progress(f"evaluate {split}", info.split_counts.get(split)) as progress:
                 while True:
                     try:
-                        result = session.run([probabilities, batch["label"], batch["path"], *heat])
+                        result = session.run([probabilities, batch["label"], batch["path"], *heat, *plain])
                     except tf.errors.OutOfRangeError:
                         break
                     outputs.append(result)
@@ -218,11 +224,61 @@ def predict_split(info, split: str, batch_size: int, image_size: int, build_prob
     labels = np.concatenate([o[1] for o in outputs]).astype(np.int64)
     # For reports and messages only; a file name that is not UTF-8 shows its odd bytes as U+FFFD.
     paths = [p.decode("utf-8", "replace") for o in outputs for p in o[2]]
-    if extras is not None and heat:
+    if heat:
         from finetune.gradcam import scale
 
         extras["heat_maps"] = scale(np.concatenate([o[3] for o in outputs]))
+    if plain:
+        extras["plain_probabilities"] = np.concatenate([o[3 + len(heat)] for o in outputs])
     return probabilities, labels, paths, seconds
+
+
+# ------------------------------------------------------------------------------- test-time augmentation
+
+PLAIN_PROBABILITIES = "finetune_plain_probabilities"  # graph collection: the un-augmented view's probabilities
+TTA_CROP_FRACTION = 0.875  # side of each of the five crops, as a share of the (already centre-cropped) input
+
+
+def tta_views(images, mode: str) -> list:
+    """The views of a preprocessed batch that ``--tta`` averages over, the images themselves first.
+
+    flip: the images and their horizontal mirror images. crops: those two, then the four corner crops and
+    the centre crop of TTA_CROP_FRACTION of the side, each resized back (bilinear) to the input size.
+    """
+    from finetune.compat import tf
+
+    views = [images, tf.reverse(images, axis=[2])]
+    if mode == "crops":
+        size = int(images.shape[1])
+        crop = int(round(size * TTA_CROP_FRACTION))
+        far, middle = size - crop, (size - crop) // 2
+        for top, left in ((0, 0), (0, far), (far, 0), (far, far), (middle, middle)):
+            window = images[:, top:top + crop, left:left + crop, :]
+            views.append(tf.image.resize(window, [size, size], method="bilinear"))
+    return views
+
+
+def with_tta(build, mode: str):
+    """A graph builder (as :func:`predict_split` takes) that averages ``build``'s probabilities over the
+    views of :func:`tta_views`, run as one batch of views x N; ``mode`` "none" returns ``build`` itself.
+    The plain view's probabilities go to the PLAIN_PROBABILITIES collection (the report's "without"), and
+    Grad-CAM maps, when built, are the plain view's."""
+    if mode == "none":
+        return build
+    from finetune.compat import tf
+    from finetune.gradcam import HEAT_MAPS
+
+    def build_averaged(images):
+        views = tta_views(images, mode)
+        probabilities = build(tf.concat(views, 0))
+        per_view = tf.reshape(probabilities, [len(views), tf.shape(images)[0], -1])
+        tf.compat.v1.add_to_collection(PLAIN_PROBABILITIES, per_view[0])
+        heat = tf.compat.v1.get_collection_ref(HEAT_MAPS)
+        if heat:
+            heat[0] = heat[0][: tf.shape(images)[0]]
+        return tf.reduce_mean(per_view, axis=0)
+
+    return build_averaged
 
 
 def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str = "float32",
@@ -248,7 +304,8 @@ def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str
     def restore(session):
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables}).restore(session, checkpoint.path)
+        # A run trained with --ema is evaluated on its averaged weights.
+        tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint)).restore(session, checkpoint.path)
 
     return build, restore
 
@@ -369,7 +426,7 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
     extras: dict = {}
     with closing:
         probabilities, labels, paths, seconds = predict_split(
-            info, config.split, config.batch_size, image_size, build, restore, extras
+            info, config.split, config.batch_size, image_size, with_tta(build, config.tta), restore, extras
         )
     expected = info.split_counts[config.split]
     if len(labels) != expected:
@@ -392,6 +449,9 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         **scores,
     )
     evaluation.checkpoint_choice = None if config.model else chosen.which
+    if config.tta != "none":
+        evaluation.tta = config.tta
+        evaluation.top1_without_tta = float((extras["plain_probabilities"].argmax(1) == labels).mean())
     _add_calibration(evaluation, probabilities, labels, train_dir, report)
     png = report.with_suffix(".png")
     evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
@@ -415,7 +475,6 @@ def _write_html(evaluation: Evaluation, config: EvaluateConfig, path: Path, prob
                                   train_dir, config.correct_examples)  # fmt: skip
     evaluation.html, evaluation.html_bytes = str(written.path), written.size_bytes
     evaluation.html_seconds = written.seconds
-    evaluation.expected_calibration_error = written.expected_calibration_error
     for warning in written.warnings:
         log.warning(warning)
     evaluation.warnings += written.warnings

@@ -57,6 +57,7 @@ class ExportResult:
     quantize: str = "none"
     checkpoint_choice: str | None = None  # "best (step 40, validation accuracy 0.9300)", "newest (step 60)", "given"
     temperature: float | None = None  # folded into `probabilities` (--calibrate); None: uncalibrated
+    tta: str = "none"  # "flip": the graph averages each image and its horizontal flip (--tta)
 
 
 # ONNX opset the .onnx is written at: 17 is read by onnxruntime 1.14 and later and covers every op of this graph.
@@ -65,12 +66,14 @@ ONNX_INSTALL = "pip install 'finetune[onnx]'"
 
 
 def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32",
-                        temperature: float | None = None):  # fmt: skip
+                        temperature: float | None = None, tta: str = "none"):  # fmt: skip
     """Builds the inference network with both entry points in the current graph; returns the outputs.
 
     ``input`` and the outputs are float32 whatever ``compute_dtype``; a 16-bit graph casts inside. With a
     ``temperature``, ``probabilities`` is softmax(logits / temperature) (calibrated; the same argmax) while
-    ``logits`` and slim's own output node stay the network's.
+    ``logits`` and slim's own output node stay the network's. With ``tta="flip"`` the network runs each
+    image and its horizontal flip as one batch of 2N; ``probabilities`` and ``logits`` are the means of the
+    two passes (slim's node then holds the 2N rows of the uncalibrated passes, originals first).
     """
     from finetune import model
     from finetune.compat import tf
@@ -85,10 +88,16 @@ def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = 
     )
     # Feeding `input` cuts the decoding branch off; feeding `image_bytes` computes `input` from the files.
     images = tf.compat.v1.placeholder_with_default(decoded, [None, image_size, image_size, 3], name=INPUT)
-    net = model.build(images, num_classes, compute_dtype=compute_dtype)
+    views = 2 if tta == "flip" else 1
+    both = tf.concat([images, tf.reverse(images, axis=[2])], 0, name="tta_flip") if views == 2 else images
+    net = model.build(both, num_classes, compute_dtype=compute_dtype)
     scores = net.probabilities if temperature is None else tf.nn.softmax(net.logits / temperature)
-    probabilities = tf.identity(scores, name=PROBABILITIES)
-    logits = tf.identity(net.logits, name=LOGITS)
+
+    def per_image(values):  # [views * N, C] -> the mean over the views, [N, C]
+        return values if views == 1 else tf.reduce_mean(tf.reshape(values, [views, -1, num_classes]), axis=0)
+
+    probabilities = tf.identity(per_image(scores), name=PROBABILITIES)
+    logits = tf.identity(per_image(net.logits), name=LOGITS)
     graph = tf.compat.v1.get_default_graph()
     if SLIM_OUTPUT not in {op.name for op in graph.get_operations()}:
         tf.identity(net.probabilities, name=SLIM_OUTPUT)
@@ -304,7 +313,7 @@ def export(config: ExportConfig) -> ExportResult:
     bf16 = config.precision == "bf16"
     compute_dtype = precision.BFLOAT16 if bf16 else precision.FLOAT32
     temperature = _temperature(train_dir, chosen.step) if config.calibrate else None
-    frozen = _freeze(checkpoint, len(classes), image_size, compute_dtype, temperature)
+    frozen = _freeze(checkpoint, len(classes), image_size, compute_dtype, temperature, config.tta)
     cut = input_path_graph(frozen, image_size) if {"tflite", "onnx"} & set(config.format) else None
     formats = list(dict.fromkeys(config.format))
     data = frozen.SerializeToString()
@@ -318,6 +327,7 @@ def export(config: ExportConfig) -> ExportResult:
         classes=classes, image_size=image_size, precision=config.precision, compute_dtype=compute_dtype,
         checkpoint=str(Path(checkpoint.path).resolve()), global_step=step, dataset=run.dataset,
         dataset_fingerprint=run.dataset_fingerprint, pretrained_from=run.checkpoint, temperature=temperature,
+        tta=config.tta,
     )  # fmt: skip
     labels_path, sidecar_path = modelfile.write_model(
         out, data if "pb" in formats else None, description, others=others,
@@ -345,19 +355,21 @@ def export(config: ExportConfig) -> ExportResult:
         quantize=config.quantize,
         checkpoint_choice=chosen.which,
         temperature=temperature,
+        tta=config.tta,
     )
 
 
-def _freeze(checkpoint, num_classes: int, image_size: int, compute_dtype: str, temperature: float | None):
+def _freeze(checkpoint, num_classes: int, image_size: int, compute_dtype: str, temperature: float | None,
+            tta: str):  # fmt: skip
     """The serving graph with the checkpoint's values as constants: a GraphDef of the outputs alone."""
     from finetune import model
     from finetune.compat import tf
 
     with tf.Graph().as_default() as graph:
-        build_serving_graph(num_classes, image_size, compute_dtype, temperature)
+        build_serving_graph(num_classes, image_size, compute_dtype, temperature, tta)
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
+        saver = tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint))  # --ema: averages
         with tf.compat.v1.Session(graph=graph) as session:
             saver.restore(session, checkpoint.path)
             return tf.compat.v1.graph_util.convert_variables_to_constants(

@@ -114,7 +114,7 @@ def from_checkpoint(checkpoint_path: str, classes: list[str], image_size: int, c
         net = model.build(images, len(classes), compute_dtype=compute_dtype)
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables})
+        saver = tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint))
         session = tf.compat.v1.Session(graph=graph, config=session_config())
         saver.restore(session, checkpoint.path)
         return GradCam(graph, session, images, net.end_points["Mixed_7c"], net.logits, net.probabilities, classes)

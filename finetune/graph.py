@@ -53,6 +53,9 @@ class TrainingGraph:
     initialize: Callable[[tf.compat.v1.Session], None] = lambda session: None  # after the variables: tables, input
     # Validation accuracy and mean cross-entropy (no smoothing, weights or decay): {"accuracy", "loss"}.
     validation_metrics: Callable[[tf.compat.v1.Session], dict[str, float]] | None = None
+    labels: tf.Tensor | None = None  # the step's batch labels: what it trains on (--sampling decides them)
+    # --ema: set each moving average to its variable's value (a new run's start, after its first values).
+    reset_averages: list = ()
 
 
 def build_training_graph(plan: Plan, start_step: int, tables: FeatureTables | None = None,
@@ -142,11 +145,13 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         train_op = tf.group(apply, *updates, name="train_op")
         if cluster:  # the chief's statistics on every worker, as the first tower's are with towers
             train_op = cluster_mod.broadcast_from_chief(cluster, moving_statistics(plan), after=train_op)
+        train_op, averages = with_moving_average(plan.ema, train_op, model.trainable_variables(plan.trainable_scopes))
         predictions = tf.argmax(tf.concat(tower_logits, 0), axis=1)
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, tf.concat(labels, 0)), tf.float32))
+        all_labels = tf.concat(labels, 0)
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, all_labels), tf.float32))
         loss = tf.add_n(tower_losses) / float(towers)
-        validation = _validation_pass(info, plan) if plan.eval_every else None
-        zero_head = zero_head_ops(plan)
+        validation = _validation_pass(info, plan, averages) if plan.eval_every else None
+        zero_head, reset_averages = zero_head_ops(plan), reset_ops(averages)
         saver = tf.compat.v1.train.Saver(max_to_keep=plan.keep_checkpoints, save_relative_paths=True)
         restore_variables = model.variables_to_restore(plan.exclude_scopes) if plan.checkpoint else []
     return TrainingGraph(
@@ -155,6 +160,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         validate=functools.partial(_validate, validation=validation) if validation else None,
         random_ops=random_ops,
         validation_metrics=functools.partial(validation_metrics, validation=validation) if validation else None,
+        labels=all_labels, reset_averages=reset_averages,
     )  # fmt: skip
 
 
@@ -166,7 +172,7 @@ def _train_batches(info, plan: Plan, cluster: Cluster | None, start_step: int) -
     batches = cluster_mod.worker_batches(info, plan, cluster, start_step) if cluster else read_dataset(
         info, "train", batch_size=plan.batch_size, image_size=plan.image_size, training=True,
         augment=plan.augment, shuffle=True, repeat=True, seed=plan.seed, drop_remainder=True,
-        skip=start_step * plan.batch_size,
+        skip=start_step * plan.batch_size, sampling=plan.sampling,
     )  # fmt: skip
     batch = tf.compat.v1.data.make_one_shot_iterator(batches).get_next()
     towers = len(plan.devices)
@@ -209,8 +215,9 @@ def _average_gradients(tower_gradients: list) -> list:
     return averaged
 
 
-def _validation_pass(info, plan: Plan) -> tuple:
-    """The ops of one pass over the validation split: (iterator initializer, correct, count, summed loss)."""
+def _validation_pass(info, plan: Plan, averages) -> tuple:
+    """The ops of one pass over the validation split: (iterator initializer, correct, count, summed loss).
+    With --ema (``averages``) the pass runs on the moving averages, as evaluate and export will."""
     from finetune.compat import tf
     from finetune.dataset import read_dataset
 
@@ -219,7 +226,7 @@ def _validation_pass(info, plan: Plan) -> tuple:
             read_dataset(info, "validation", batch_size=plan.batch_size, image_size=plan.image_size, training=False)
         )  # fmt: skip
         val_batch = val_iterator.get_next()
-    with tf.device(plan.devices[0]), tf.name_scope("validation"):
+    with tf.device(plan.devices[0]), tf.name_scope("validation"), averaged_weights(averages):
         val_net = model.build(val_batch["image"], len(plan.classes), reuse=True, compute_dtype=plan.compute_dtype)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64))
         loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
@@ -240,6 +247,47 @@ def start_fresh(session, built: TrainingGraph, checkpoint: model.Checkpoint | No
     if checkpoint:
         model.restore(session, restored, checkpoint)
     session.run(built.zero_head)
+    session.run(list(built.reset_averages))
+
+
+def with_moving_average(decay: float | None, train_op, variables: list):
+    """``--ema DECAY``: the step followed by an update of each variable's exponential moving average,
+    average = decay * average + (1 - decay) * value; returns (that op, the ExponentialMovingAverage) or, without
+    a decay, (``train_op``, None). The averages are variables of their own (``<name>/ExponentialMovingAverage``),
+    so every Saver made afterwards saves them beside the weights.
+    """
+    from finetune.compat import tf
+
+    if not decay:
+        return train_op, None
+    averages = tf.compat.v1.train.ExponentialMovingAverage(decay)
+    with tf.control_dependencies([train_op]):
+        update = averages.apply(variables)  # the averages' variables are made outside the dependency
+    return tf.group(update, name="train_op_and_average"), averages
+
+
+def averaged_weights(averages):
+    """A variable scope in which the network is built on the moving averages (validation passes), or a no-op."""
+    from finetune.compat import tf
+
+    if averages is None:
+        return contextlib.nullcontext()
+
+    def getter(next_getter, *args, **kwargs):
+        variable = next_getter(*args, **kwargs)
+        return averages.average(variable) or variable
+
+    return tf.compat.v1.variable_scope(tf.compat.v1.get_variable_scope(), custom_getter=getter)
+
+
+def reset_ops(averages) -> list:
+    """Ops setting each average to its variable's value: a new run's averages start where its weights do."""
+    if averages is None:
+        return []
+    from finetune.compat import tf
+
+    return [tf.compat.v1.assign(averages.average(v), v) for v in tf.compat.v1.global_variables()
+            if averages.average(v) is not None]  # fmt: skip
 
 
 def zero_head_ops(plan: Plan) -> list:

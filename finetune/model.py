@@ -440,12 +440,32 @@ def initialise_all_but(session: tf.compat.v1.Session, restored: Sequence[tf.Vari
         [v for v in tf.compat.v1.global_variables() if v.op.name not in skip]))  # fmt: skip
 
 
+# tf.compat.v1.train.ExponentialMovingAverage's name for a variable's average: ``<variable>/<this>``.
+AVERAGE_SUFFIX = "ExponentialMovingAverage"
+
+
+def average_name(variable: tf.Variable) -> str:
+    return f"{variable.op.name}/{AVERAGE_SUFFIX}"
+
+
+def names_to_restore(variables: Sequence[tf.Variable], checkpoint: Checkpoint) -> dict[str, tf.Variable]:
+    """What each variable is loaded from: its moving average where the checkpoint holds one (a run trained
+    with ``--ema``), else its own value. Evaluate, export and a run built on another use the averages."""
+    return {(average_name(v) if average_name(v) in checkpoint.shapes else v.op.name): v for v in variables}
+
+
+def holds_averages(checkpoint: Checkpoint) -> bool:
+    """Whether a checkpoint holds moving averages of its weights (``--ema``)."""
+    return any(name.endswith(f"/{AVERAGE_SUFFIX}") for name in checkpoint.shapes)
+
+
 def restore(session: tf.compat.v1.Session, variables: Sequence[tf.Variable], checkpoint: Checkpoint) -> None:
-    """Loads the variables' values from the checkpoint (checked first with check_restorable)."""
+    """Loads the variables' values (their moving averages where the checkpoint has them) from the checkpoint
+    (checked first with check_restorable)."""
     check_restorable(variables, checkpoint)
     if not variables:
         return
-    saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in variables}, write_version=2)
+    saver = tf.compat.v1.train.Saver(var_list=names_to_restore(variables, checkpoint), write_version=2)
     try:
         saver.restore(session, checkpoint.path)
     except tf.errors.OpError as exc:

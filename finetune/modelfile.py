@@ -87,6 +87,7 @@ class ModelDescription:
     dataset_fingerprint: str
     pretrained_from: str | None  # the run's starting checkpoint
     temperature: float | None = None  # folded into the probabilities (see export --calibrate); None: uncalibrated
+    tta: str = "none"  # "flip": probabilities (and logits) are the means over each image and its mirror image
 
 
 def model_kind(model_path: str | Path, flag: str = "--model") -> str:
@@ -367,6 +368,8 @@ def _description(model: ModelDescription) -> dict[str, Any]:
         "pretrained_from": model.pretrained_from,
         # probabilities = softmax(logits / temperature), fitted on the validation split; None: uncalibrated.
         "temperature": model.temperature,
+        # "flip": probabilities (and logits) are the means over each image and its mirror image (2x compute).
+        "test_time_augmentation": model.tta,
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "finetune_version": __version__,
     }

@@ -72,6 +72,8 @@ class Plan:
     workers: int = 1  # processes training together (TF_CONFIG, finetune/cluster.py); batch_size is per worker
     select_by: str | None = None  # the validation metric that picks the best checkpoint; None without validation
     early_stop: int | None = None  # validation passes without improvement before the run stops; None: off
+    sampling: str = "natural"  # "balanced": each class equally often per epoch (finetune/dataset.py)
+    ema: float | None = None  # decay of the trained weights' moving average; None: off (finetune/graph.py)
 
 
 def _feature_cache_decision(
@@ -264,6 +266,8 @@ def plan_training(config: TrainConfig) -> Plan:
         workers=workers,
         select_by=(config.select_by or "accuracy") if validates else None,
         early_stop=config.early_stop,
+        sampling=config.sampling,
+        ema=config.ema,
     )
 
 

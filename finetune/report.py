@@ -55,7 +55,6 @@ class ReportResult:
     path: Path
     size_bytes: int
     seconds: float
-    expected_calibration_error: float | None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -66,21 +65,17 @@ def calibration(probabilities: np.ndarray, labels: np.ndarray, bins: int = CALIB
     """Expected calibration error and the reliability diagram's bins, from the top class's probability.
 
     Returns ``(ece, rows)``, rows as ``(low, high, count, accuracy, mean confidence)`` for each of ``bins``
-    equal-width confidence bins; ECE is the count-weighted mean gap between accuracy and confidence.
+    equal-width confidence bins. The ECE and the bins are finetune/calibration.py's, so the report, the JSON
+    (``ece``) and the command's output give one number.
     """
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
+    from finetune import calibration as calibration_mod
+
     edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    rows, ece = [], 0.0
-    for b in range(bins):
-        inside = which == b
-        count = int(inside.sum())
-        accuracy = float(correct[inside].mean()) if count else 0.0
-        mean_confidence = float(confidence[inside].mean()) if count else 0.0
-        ece += count / max(len(labels), 1) * abs(accuracy - mean_confidence)
-        rows.append((float(edges[b]), float(edges[b + 1]), count, accuracy, mean_confidence))
-    return float(ece), rows
+    shares = calibration_mod.reliability(probabilities, labels, bins)
+    rows = [(float(edges[b]), float(edges[b + 1]), int(round(share * len(labels))),
+             0.0 if np.isnan(accuracy) else accuracy, 0.0 if np.isnan(confidence) else confidence)
+            for b, (share, confidence, accuracy) in enumerate(shares)]  # fmt: skip
+    return calibration_mod.expected_calibration_error(probabilities, labels, bins), rows
 
 
 def select_examples(probabilities: np.ndarray, labels: np.ndarray, mistakes: int, correct_per_class: int):
@@ -388,6 +383,9 @@ def render(
     ece, bins = calibration(probabilities, labels)
     where = f"step {evaluation.global_step}" if evaluation.global_step is not None else "exported model"
     stats = [("top-1", f"{evaluation.top1:.4f}")]
+    if getattr(evaluation, "tta", "none") != "none":
+        stats = [(f"top-1 ({evaluation.tta} TTA)", f"{evaluation.top1:.4f}"),
+                 ("top-1 without TTA", f"{evaluation.top1_without_tta:.4f}")]  # fmt: skip
     if evaluation.top5 is not None:
         stats.append(("top-5", f"{evaluation.top5:.4f}"))
     stats += [("examples", f"{evaluation.examples:,}"), ("classes", str(len(classes))), ("ECE", f"{ece:.4f}"),
@@ -519,5 +517,4 @@ def write_report(
         warnings += curve_warnings
     text = render(evaluation, probabilities, labels, pictures, mistakes, correct, curves, notes)
     write_text_atomically(path, text)
-    ece, _ = calibration(probabilities, labels)
-    return ReportResult(Path(path), len(text.encode("utf-8")), time.monotonic() - started, ece, warnings)
+    return ReportResult(Path(path), len(text.encode("utf-8")), time.monotonic() - started, warnings)

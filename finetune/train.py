@@ -117,6 +117,9 @@ def _log_summary(plan: Plan, trainable_parameters: int, resume_from: str | None,
         log.info(f"  {note}")
     log.info(f"devices: {', '.join(plan.devices)}")
     log.info(f"feature cache: {plan.feature_cache_reason}")
+    if plan.sampling != "natural" or plan.ema:
+        averaging = f"; weights averaged, decay {plan.ema:g} (validation, evaluate and export use the averages)"
+        log.info(f"sampling: {plan.sampling}" + (averaging if plan.ema else ""))
     for warning in warnings:
         log.warning(warning)
 
@@ -147,6 +150,8 @@ def train(config: TrainConfig) -> TrainResult:
         resume_from = None if config.overwrite else rundir.newest_checkpoint(train_dir)
     else:
         resume_from = rundir.prepare(train_dir, asdict(plan), config.overwrite, must_match=RESUME_MUST_MATCH)
+    if resume_from and (not cluster or cluster.chief):
+        _check_resumed_settings(train_dir, plan)
     warnings = _start_warnings(plan, config, resume_from)
     if not plan.eval_every:
         warnings.append("no validation passes (no validation split, or --eval-every 0): no best checkpoint is kept "
@@ -204,10 +209,30 @@ def _start_warnings(plan: Plan, config: TrainConfig, resume_from: str | None) ->
     warnings = []
     if plan.checkpoint is None and not resume_from:
         warnings.append("--checkpoint none: starting from random weights; results are not pretrained")
-    imbalance = imbalance_warning(plan.train_class_counts, weighted=plan.class_weights is not None)
+    imbalance = imbalance_warning(plan.train_class_counts,
+                                  weighted=plan.class_weights is not None or plan.sampling == "balanced")  # fmt: skip
     if imbalance:
         warnings.append(imbalance)
+    if plan.sampling == "balanced" and plan.class_weights is not None:
+        warnings.append("--sampling balanced with --class-weights auto: each already evens out the classes, so "
+                        "together they tilt the run toward the rare ones; keep one of them")  # fmt: skip
     return warnings
+
+
+# Settings a resumed run must share that config.json gained after its first version: an older run had these.
+_RESUMED_WITH_DEFAULTS = {"sampling": "natural", "ema": None}
+
+
+def _check_resumed_settings(train_dir: Path, plan: Plan) -> None:
+    """Refuses to resume with another --sampling or --ema (the data order, or the variables, would differ)."""
+    previous = rundir.read_run_config(train_dir).values
+    for key, default in _RESUMED_WITH_DEFAULTS.items():
+        before, now = previous.get(key, default), getattr(plan, key, default)
+        if before != now:
+            raise FinetuneError(
+                f"--train-dir {train_dir} holds a run with --{key} {before}, not {now}; pass --{key} {before} "
+                "to resume it, --overwrite to start over, or choose a new --train-dir"
+            )
 
 
 def _global_step(checkpoint: str) -> int:

@@ -11,6 +11,12 @@ of the newest and of the best checkpoint on the validation and the test split: t
 calibration error (15 equal-width bins of the top-class confidence), as trained and with the temperature
 fitted on the validation split (evaluate on validation fits it; on test it applies it). Only the public API
 is used. ``--reuse`` evaluates the runs already in --work instead of training them again.
+
+``--features`` measures the options instead, on the test split of the same data and runs: the plain run
+(``natural``: its best checkpoint as is, with ``--tta flip`` and with ``--tta crops``), ``--ema 0.995`` (the
+decay docs/best-model.md suggests for the derived 2,000 steps; newest and best checkpoint) and ``--sampling
+balanced`` (best checkpoint). Besides top-1 and ECE it gives the mean per-class recall (balanced accuracy),
+which is what balanced sampling is for. The plain runs are the ones the first mode trained (``--reuse``).
 """
 
 from __future__ import annotations
@@ -81,6 +87,51 @@ def scores(train_dir: Path, split: str, which: str) -> dict:
             "temperature": result.temperature, "ece_calibrated": result.ece_calibrated}  # fmt: skip
 
 
+VARIANTS = {"natural": {}, "ema": {"ema": 0.995}, "balanced": {"sampling": "balanced"}}
+# (variant, checkpoint, --tta) evaluated on the test split in --features mode
+FEATURE_EVALUATIONS = (("natural", "best", "none"), ("natural", "best", "flip"), ("natural", "best", "crops"),
+                       ("ema", "newest", "none"), ("ema", "best", "none"), ("balanced", "best", "none"))  # fmt: skip
+
+
+def test_scores(train_dir: Path, which: str, tta: str) -> dict:
+    result = evaluate(EvaluateConfig(train_dir=str(train_dir), split="test", checkpoint=which, mistakes=0, tta=tta,
+                                     html=False))  # fmt: skip
+    return {"step": result.global_step, "top1": result.top1, "ece": result.ece,
+            "balanced_accuracy": float(np.mean([c.recall for c in result.per_class])),
+            "top1_without_tta": result.top1_without_tta}  # fmt: skip
+
+
+def features_bench(args: argparse.Namespace, dataset: Path) -> None:
+    runs = []
+    for checkpoint in args.checkpoint:
+        for seed in args.seeds:
+            run = {"checkpoint": checkpoint, "seed": seed}
+            for variant, options in VARIANTS.items():
+                suffix = "" if variant == "natural" else f"-{variant}"
+                train_dir = args.work / f"run-{Path(checkpoint).stem}-{seed}{suffix}"
+                started = time.monotonic()
+                result = train(TrainConfig(dataset=str(dataset), train_dir=str(train_dir), checkpoint=checkpoint,
+                                           image_size=args.image_size, seed=seed, cache_dir=str(args.work / "cache"),
+                                           overwrite=not (args.reuse and train_dir.exists()), **options))  # fmt: skip
+                run[f"{variant}_train_seconds"] = round(time.monotonic() - started, 1)
+                run[f"{variant}_best_step"] = result.best_step
+                for name, which, tta in FEATURE_EVALUATIONS:
+                    if name == variant:
+                        run[f"{variant}_{which}_{tta}"] = test_scores(train_dir, which, tta)
+            runs.append(run)
+            print(json.dumps(run), file=sys.stderr)
+    summary = {}
+    for checkpoint in args.checkpoint:
+        mine = [r for r in runs if r["checkpoint"] == checkpoint]
+        summary[checkpoint] = {
+            f"{variant}_{which}_{tta}_{metric}": {"mean": float(np.mean(v)), "std": float(np.std(v))}
+            for variant, which, tta in FEATURE_EVALUATIONS for metric in ("top1", "ece", "balanced_accuracy")
+            for v in [[r[f"{variant}_{which}_{tta}"][metric] for r in mine]]
+        }  # fmt: skip
+    print(json.dumps({"image_size": args.image_size, "counts": COUNTS, "flipped": FLIPPED, "split": "test",
+                      "runs": runs, "summary": summary}, indent=2))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -88,9 +139,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=149)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reuse", action="store_true", help="evaluate the runs already trained in --work")
+    parser.add_argument("--features", action="store_true", help="measure --ema, --tta and --sampling instead")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     dataset = make_dataset(args.work, args.image_size)
+    if args.features:
+        features_bench(args, dataset)
+        return
     runs = []
     for checkpoint in args.checkpoint:
         for seed in args.seeds:
