@@ -168,9 +168,9 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
             # Validation passes judge the averaged weights (--ema), as evaluate and export will.
             averaged = (averages.average(weights), averages.average(biases)) if averages else (weights, biases)
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
-        validate = validation_metrics = None
+        validate = validation_metrics = validation_logits = None
         if tables.validation is not None:
-            validate, validation_metrics, validation_feeds = _validation(tables, head, averaged)
+            validate, validation_metrics, validation_logits, validation_feeds = _validation(tables, head, averaged)
             feeds.update(validation_feeds)
 
         def initialize(session) -> None:
@@ -185,7 +185,7 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
         graph=graph, train_op=train_op, loss=loss, accuracy=accuracy, learning_rate=learning_rate,
         global_step=global_step, saver=saver, zero_head=zero_head, restore_variables=restore_variables,
         validate=validate, random_ops=random_ops, initialize=initialize, validation_metrics=validation_metrics,
-        labels=labels, reset_averages=reset_averages,
+        validation_logits=validation_logits, labels=labels, reset_averages=reset_averages,
     )  # fmt: skip
 
 
@@ -217,7 +217,8 @@ def _train_rows(info, plan: Plan, tables: FeatureTables, start_step: int) -> tup
 
 def _validation(tables: FeatureTables, head, averaged: tuple) -> tuple:
     """The head, with the weights validation judges (``averaged``: the moving averages with --ema, else the
-    weights), on the whole validation table: (accuracy, accuracy-and-loss, the table's initializer feed)."""
+    weights), on the whole validation table: (accuracy, accuracy-and-loss, logits-and-labels, the table's
+    initializer feed)."""
     from finetune.compat import tf
 
     validation_values = tf.compat.v1.placeholder(tf.float32, tables.validation.shape)
@@ -236,4 +237,8 @@ def _validation(tables: FeatureTables, head, averaged: tuple) -> tuple:
         accuracy, loss = session.run([validation_accuracy, validation_loss])
         return {"accuracy": float(accuracy), "loss": float(loss)}
 
-    return validate, validation_metrics, {validation_table.initializer: {validation_values: tables.validation}}
+    def logits_and_labels(session) -> tuple[np.ndarray, np.ndarray]:
+        return session.run(validation_logits), np.asarray(tables.validation_labels)
+
+    feeds = {validation_table.initializer: {validation_values: tables.validation}}
+    return validate, validation_metrics, logits_and_labels, feeds

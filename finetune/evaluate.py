@@ -587,20 +587,6 @@ def fit_and_record(train_dir: Path, probabilities: np.ndarray, labels: np.ndarra
     return {**fit, "step": step, "reliability_png": str(png)}
 
 
-def calibrate_run(train_dir: str | Path, batch_size: int = 50) -> dict:
-    """Fits and records the temperature of the checkpoint evaluate and export take by default (the best, else
-    the newest) on the run's validation split; ``finetune train`` calls it at the end of a run."""
-    from finetune.dataset import load_dataset
-
-    train_dir = Path(train_dir)
-    run = rundir.read_run_config(train_dir)
-    info = load_dataset(run.dataset, flag="--dataset")
-    chosen = rundir.choose_checkpoint(train_dir, None)
-    build, restore = checkpoint_source(chosen.path, len(run.classes))
-    probabilities, labels, _, _ = predict_split(info, "validation", batch_size, run.image_size, build, restore)
-    return fit_and_record(train_dir, probabilities, labels, chosen.step)
-
-
 def _add_calibration(evaluation: Evaluation, probabilities, labels, train_dir: Path | None, report: Path) -> None:
     """The ECE, and for a train dir's checkpoint the temperature (fitted here on the validation split, else
     the one training recorded for the step) with the ECE it gives, and the reliability diagram."""

@@ -54,6 +54,8 @@ class TrainingGraph:
     # Validation accuracy and mean cross-entropy (no smoothing, weights or decay): {"accuracy", "loss"}.
     validation_metrics: Callable[[tf.compat.v1.Session], dict[str, float]] | None = None
     labels: tf.Tensor | None = None  # the step's batch labels: what it trains on (--sampling decides them)
+    # The validation split's logits and labels, with the weights validation judges (calibration fits on them).
+    validation_logits: Callable[[tf.compat.v1.Session], tuple[np.ndarray, np.ndarray]] | None = None
     # --ema: set each moving average to its variable's value (a new run's start, after its first values).
     reset_averages: list = ()
 
@@ -160,6 +162,7 @@ def build_network_graph(plan: Plan, start_step: int, cluster: Cluster | None = N
         validate=functools.partial(_validate, validation=validation) if validation else None,
         random_ops=random_ops,
         validation_metrics=functools.partial(validation_metrics, validation=validation) if validation else None,
+        validation_logits=functools.partial(validation_logits, validation=validation) if validation else None,
         labels=all_labels, reset_averages=reset_averages,
     )  # fmt: skip
 
@@ -216,7 +219,8 @@ def _average_gradients(tower_gradients: list) -> list:
 
 
 def _validation_pass(info, plan: Plan, averages) -> tuple:
-    """The ops of one pass over the validation split: (iterator initializer, correct, count, summed loss).
+    """The ops of one pass over the validation split: (iterator initializer, correct, count, summed loss,
+    logits, labels).
     With --ema (``averages``) the pass runs on the moving averages, as evaluate and export will."""
     from finetune.compat import tf
     from finetune.dataset import read_dataset
@@ -231,7 +235,8 @@ def _validation_pass(info, plan: Plan, averages) -> tuple:
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(val_net.logits, 1), val_batch["label"]), tf.int64))
         loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=val_batch["label"], logits=tf.cast(val_net.logits, tf.float32)))  # fmt: skip
-    return val_iterator.initializer, correct, tf.size(val_batch["label"]), loss_sum
+    logits = tf.cast(val_net.logits, tf.float32)
+    return val_iterator.initializer, correct, tf.size(val_batch["label"]), loss_sum, logits, val_batch["label"]
 
 
 def moving_statistics(plan: Plan) -> list:
@@ -318,7 +323,7 @@ def validation_metrics(session, validation: tuple) -> dict[str, float]:
     """One pass over the validation split: accuracy and mean cross-entropy."""
     from finetune.compat import tf
 
-    initializer, correct_op, count_op, loss_op = validation
+    initializer, correct_op, count_op, loss_op, _, _ = validation
     session.run(initializer)
     correct = total = 0
     loss = 0.0
@@ -332,3 +337,20 @@ def validation_metrics(session, validation: tuple) -> dict[str, float]:
         loss += float(batch_loss)
     nan = float("nan")
     return {"accuracy": correct / total if total else nan, "loss": loss / total if total else nan}
+
+
+def validation_logits(session, validation: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the validation split: every image's logits [N, classes] and labels [N], in file order."""
+    from finetune.compat import tf
+
+    initializer, _, _, _, logits_op, labels_op = validation
+    session.run(initializer)
+    logits, labels = [], []
+    while True:
+        try:
+            batch_logits, batch_labels = session.run([logits_op, labels_op])
+        except tf.errors.OutOfRangeError:
+            break
+        logits.append(batch_logits)
+        labels.append(batch_labels)
+    return np.concatenate(logits), np.concatenate(labels)

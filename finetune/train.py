@@ -193,13 +193,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise
     result = _result(plan, train_dir, outcome, started, warnings)
     result.feature_cache = tables.report if tables else None
-    if plan.eval_every and outcome.status in ("completed", "stopped early"):
-        from finetune.evaluate import calibrate_run
-
-        result.calibration = calibrate_run(train_dir)
-        log.info(f"calibration: temperature {result.calibration['temperature']:.3f} for step "
-                 f"{result.calibration['step']}; validation ECE {result.calibration['ece_before']:.4f} -> "
-                 f"{result.calibration['ece_after']:.4f}")  # fmt: skip
+    result.calibration = outcome.calibration
     return _with_best(result)
 
 
@@ -254,6 +248,7 @@ class _Outcome:
     accuracies: list[float] = field(default_factory=list)
     validation_accuracy: float | None = None
     images_per_second: float | None = None
+    calibration: dict | None = None  # the temperature fitted at the end (see _calibrate)
 
 
 def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, resume_from: str | None,
@@ -329,9 +324,28 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
             save()
         if cluster:  # equal on every worker: the tests compare them
             log.info(f"final weights sha256 {cluster_mod.variables_digest(session, tf.compat.v1.global_variables())}")
+        if plan.eval_every and built.validation_logits and outcome.status in ("completed", "stopped early"):
+            outcome.calibration = _calibrate(session, built, train_dir, keep_best, outcome.step)
         writer.close()
     outcome.images_per_second = progress.rate if outcome.losses else None
     return outcome
+
+
+def _calibrate(session, built: TrainingGraph, train_dir: Path, keep_best: "_KeepBest | None", step: int) -> dict:
+    """Fits and records the temperature of the checkpoint evaluate and export take by default (the best
+    validation pass's, else the newest) on the validation split, in the training session: the best
+    checkpoint's values are restored into it and the graph's own validation pass gives the logits."""
+    from finetune.calibration import softmax
+    from finetune.evaluate import fit_and_record
+
+    if keep_best and keep_best.best and keep_best.best.step != step:
+        keep_best.saver.restore(session, keep_best.best.checkpoint)
+        step = keep_best.best.step
+    logits, labels = built.validation_logits(session)
+    fit = fit_and_record(train_dir, softmax(logits), labels, step)
+    log.info(f"calibration: temperature {fit['temperature']:.3f} for step {fit['step']}; validation ECE "
+             f"{fit['ece_before']:.4f} -> {fit['ece_after']:.4f}")  # fmt: skip
+    return fit
 
 
 def _set_variables(session, built: TrainingGraph, resume_from: str | None, start_step: int,

@@ -80,6 +80,39 @@ def test_the_best_pass_is_kept_through_rotation_and_evaluate_and_export_take_it(
 
 
 @pytest.mark.slow
+def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_run, tmp_path):
+    """Training fits the best checkpoint's temperature in its own session, on its validation pass's logits;
+    evaluate fits it again through a graph of its own on the same split and must find the same value."""
+    import numpy as np
+
+    from finetune.calibration import softmax
+    from finetune.compat import tf
+
+    train_dir, result, best = full_run
+    temperature = result.calibration["temperature"]
+    recorded = rundir.read_calibration(train_dir, best.step)
+    assert recorded["temperature"] == temperature and recorded["split"] == "validation"
+    evaluation = evaluate(EvaluateConfig(train_dir=str(train_dir), split="validation", html=False))
+    assert evaluation.global_step == best.step and recorded["examples"] == evaluation.examples
+    assert evaluation.temperature == pytest.approx(temperature, rel=1e-3)
+    assert evaluation.ece_calibrated == pytest.approx(recorded["ece_after"], abs=1e-3)
+    assert (train_dir / "calibration-validation.png").stat().st_size > 0
+
+    exported = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "model.pb")))
+    assert exported.temperature == temperature
+    assert json.loads((tmp_path / "model.json").read_text())["temperature"] == temperature
+    graph_def = tf.compat.v1.GraphDef.FromString((tmp_path / "model.pb").read_bytes())
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 75, 75, 3)).astype(np.float32)
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        probabilities, logits = session.run(["probabilities:0", "logits:0"], {"input:0": images})
+    assert np.allclose(probabilities, softmax(logits, temperature), atol=1e-5)
+    assert np.array_equal(probabilities.argmax(1), logits.argmax(1))
+    plain = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "plain.pb"), calibrate=False))
+    assert plain.temperature is None and json.loads((tmp_path / "plain.json").read_text())["temperature"] is None
+
+
+@pytest.mark.slow
 def test_early_stopping_stops_at_the_predicted_step_and_stays_stopped(full_run, dataset, standin_checkpoint,
                                                                       tmp_path, capsys):  # fmt: skip
     _, _, best = full_run
