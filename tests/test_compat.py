@@ -122,3 +122,28 @@ def test_importing_compat_prints_nothing_on_stderr():
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+def test_the_faster_eagerness_question_answers_as_tensorflow_does_everywhere():
+    from tensorflow.python.framework import ops
+
+    ours = ops.executing_eagerly_outside_functions
+    theirs = ours.tensorflow_s
+    answers = []
+
+    def both():
+        answers.append((ours(), theirs()))
+        return tf.constant(0)
+
+    both()  # eager, at the top
+    tf.function(both)()  # a function traced from eager
+    with tf.Graph().as_default():
+        both()  # a graph
+        tf.function(both)()  # a function traced inside a graph
+        with tf.Graph().as_default():
+            both()  # a graph inside a graph
+    assert answers == [(True, True), (True, True), (False, False), (False, False), (False, False)]
+    # And variables, whose hash asks it, stay hashable in a graph (keras's layers put them in sets).
+    with tf.Graph().as_default():
+        variable = tf.compat.v1.Variable(1.0)
+        assert variable in {variable}
