@@ -53,7 +53,7 @@ def test_the_first_command_creates_a_venv_installs_what_ci_installs_and_runs_qui
 
 def test_the_test_command_is_the_one_ci_runs():
     second = _blocks(README)[1].strip()
-    assert second == _ci_commands()[-1] == "python -m pytest"
+    assert second == _ci_commands()[-1] == "python -m pytest -n auto --dist loadfile"
 
 
 def test_the_commands_quickstart_prints_for_your_own_photos_are_in_the_readme():
