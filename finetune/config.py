@@ -459,9 +459,6 @@ class ExportConfig:
             _fail("--calibration-images", self.calibration_images, "must be at least 1")
         if self.tta not in TTA_MODES[:2]:
             _fail("--tta", self.tta, "unknown for export; choose none or flip (evaluate --tta crops measures more)")
-        if self.tta != "none" and {"tflite", "onnx"} & set(self.format):
-            _fail("--tta", self.tta, "the .tflite and .onnx are converted from the `input` path without test-time "
-                  "augmentation (not verified with their converters); export them in a run without --tta")  # fmt: skip
 
 
 @dataclass(frozen=True)
