@@ -330,3 +330,13 @@ def trained_run(tmp_path_factory, standin_checkpoint):
                                eval_every=0))  # fmt: skip
     return SimpleNamespace(root=root, photos=photos, dataset=root / "dataset", train_dir=root / "run",
                            checkpoint=result.checkpoint, image_size=75)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_run, tmp_path_factory) -> Path:
+    """`finetune export` of the trained run, by default flags: model.pb beside model.json and model.labels.txt.
+    Shared: tests read it or copy it, never write beside it."""
+    out = tmp_path_factory.mktemp("exported") / "model.pb"
+    result = run_cli("export", "--train-dir", str(trained_run.train_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out

@@ -3,9 +3,12 @@ evaluate take each file; the docs' snippets run without TensorFlow; refusals are
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +117,21 @@ def _predict_top1(capsys, model, photos) -> list[str]:
     return [line["predictions"][0]["class"] for line in lines]
 
 
-def test_predict_takes_every_format_and_agrees_with_the_pb(trained_run, exports, capsys):
+@pytest.fixture(scope="module")
+def pb_top1(trained_run, exports) -> list[str]:
+    """`finetune predict --json` on the .pb: the best class of each of _photos(), asked once for the module
+    (a module fixture has no capsys, so its stdout is caught here)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["predict", "--model", exports.every.files["pb"], "--json", *_photos(trained_run)])
+    assert code == 0
+    return [json.loads(line)["predictions"][0]["class"] for line in out.getvalue().splitlines()]
+
+
+def test_predict_takes_every_format_and_agrees_with_the_pb(trained_run, exports, capsys, pb_top1):
     photos = _photos(trained_run)
-    expected = _predict_top1(capsys, exports.every.files["pb"], photos)
+    expected = pb_top1
+    assert len(expected) == len(photos) == 3
     for kind in ("tflite", "onnx", "saved_model"):
         assert _predict_top1(capsys, exports.every.files[kind], photos) == expected, kind
 
@@ -178,13 +193,12 @@ def _run_isolated(tmp_path: Path, packages: list[str], snippet: str, *args: str)
     ids=["litert", "onnxruntime"],
 )
 def test_the_docs_snippet_runs_without_tensorflow_and_agrees_with_predict(
-    trained_run, exports, capsys, tmp_path, snippet, kind, packages
+    trained_run, exports, pb_top1, tmp_path, snippet, kind, packages
 ):
     code = _doc_snippets()[snippet]
     assert f"import {packages[0]}" in code or f"from {packages[0]}" in code
     photos = _photos(trained_run)
-    expected = _predict_top1(capsys, exports.every.files["pb"], photos)
-    for photo, best in zip(photos, expected):
+    for photo, best in zip(photos, pb_top1, strict=True):
         done = _run_isolated(tmp_path / Path(photo).stem, packages, code, exports.every.files[kind], photo)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split("\t")[0] == best, (photo, done.stdout)
@@ -193,10 +207,15 @@ def test_the_docs_snippet_runs_without_tensorflow_and_agrees_with_predict(
 # ----------------------------------------------------------------------------------- files and refusals
 
 
-def test_exporting_again_replaces_the_set_whole_or_not_at_all(trained_run, tmp_path, monkeypatch):
+def test_exporting_again_replaces_the_set_whole_or_not_at_all(trained_run, exports, tmp_path, monkeypatch):
     run, out = str(trained_run.train_dir), tmp_path / "model.pb"
-    first = export(ExportConfig(train_dir=run, out=str(out)))
-    before = {path: Path(path).read_bytes() for path in (first.model, first.sidecar, first.labels)}
+    # The first set: a copy of the module's float16 .tflite export (model.tflite, model.json, model.labels.txt).
+    first = exports.half
+    for path in (first.files["tflite"], first.sidecar, first.labels):
+        shutil.copy(path, tmp_path / Path(path).name)
+    before = {str(tmp_path / Path(path).name): Path(path).read_bytes()
+              for path in (first.files["tflite"], first.sidecar, first.labels)}  # fmt: skip
+    assert sorted(Path(path).name for path in before) == ["model.json", "model.labels.txt", "model.tflite"]
     writes = []
     real_write = Path.write_bytes
 
@@ -211,11 +230,12 @@ def test_exporting_again_replaces_the_set_whole_or_not_at_all(trained_run, tmp_p
         export(ExportConfig(train_dir=run, out=str(out), format=("pb", "tflite")))
     monkeypatch.undo()
     assert {path: Path(path).read_bytes() for path in before} == before  # the first export, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.labels.txt", "model.pb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.labels.txt", "model.tflite"]
     # A later export of another format keeps the earlier files of the same checkpoint listed and usable.
-    export(ExportConfig(train_dir=run, out=str(out), format=("tflite",)))
-    assert set(json.loads(out.with_suffix(".json").read_text())["formats"]) == {"pb", "tflite"}
-    assert out.read_bytes() == before[first.model]
+    export(ExportConfig(train_dir=run, out=str(out), format=("pb",)))
+    formats = json.loads(out.with_suffix(".json").read_text())["formats"]
+    assert set(formats) == {"pb", "tflite"} and formats["tflite"]["quantize"] == "float16"
+    assert out.with_suffix(".tflite").read_bytes() == before[str(tmp_path / "model.tflite")]
     for kind in ("pb", "tflite"):
         assert modelfile.read_model(out.with_suffix(modelfile.SUFFIXES[kind])).kind == kind
 

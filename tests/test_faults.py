@@ -221,12 +221,7 @@ def test_read_regular_file_is_bounded(tmp_path):
         read_regular_file(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def exported_model(trained_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults_export") / "model.pb"
-    result = run_cli("export", "--train-dir", str(trained_run.train_dir), "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    return out
+# exported_model: the session fixture in conftest.py (the trained run's default export), shared with test_readme.
 
 
 @pytest.mark.slow
