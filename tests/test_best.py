@@ -49,8 +49,21 @@ def full_run(dataset, standin_checkpoint, tmp_path_factory):
     return train_dir, result, rundir.read_best(train_dir)
 
 
+@pytest.fixture(scope="module")
+def chosen(full_run):
+    """The default evaluate of the run (the best checkpoint, the validation split), asserted on by two tests."""
+    return evaluate(EvaluateConfig(train_dir=str(full_run[0])))
+
+
+@pytest.fixture(scope="module")
+def exported(full_run, tmp_path_factory):
+    """The default export of the run (the best checkpoint, calibrated): its result and the folder it is in."""
+    out = tmp_path_factory.mktemp("best-export")
+    return export(ExportConfig(train_dir=str(full_run[0]), out=str(out / "model.pb"))), out
+
+
 @pytest.mark.slow
-def test_the_best_pass_is_kept_through_rotation_and_evaluate_and_export_take_it(full_run, tmp_path):
+def test_the_best_pass_is_kept_through_rotation_and_evaluate_and_export_take_it(full_run, chosen, exported):
     train_dir, result, best = full_run
     values = [value for _, value in best.passes]
     assert [step for step, _ in best.passes] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
@@ -68,19 +81,19 @@ def test_the_best_pass_is_kept_through_rotation_and_evaluate_and_export_take_it(
     assert result.calibration["nll_after"] <= result.calibration["nll_before"] + 1e-9
     assert rundir.read_calibration(train_dir, best_step)["temperature"] == result.calibration["temperature"]
 
-    chosen = evaluate(EvaluateConfig(train_dir=str(train_dir)))
     assert chosen.global_step == best_step and chosen.checkpoint_choice.startswith(f"best (step {best_step}")
     assert chosen.top1 == pytest.approx(peak)
-    newest = evaluate(EvaluateConfig(train_dir=str(train_dir), checkpoint="newest"))
+    # Without the HTML report, whose Grad-CAM pass is not under test here.
+    newest = evaluate(EvaluateConfig(train_dir=str(train_dir), checkpoint="newest", html=False))
     assert newest.global_step == STEPS and newest.top1 == pytest.approx(values[-1])
 
-    exported = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "model.pb")))
+    exported, out = exported
     assert exported.global_step == best_step and exported.checkpoint_choice.startswith("best")
-    assert json.loads((tmp_path / "model.json").read_text())["global_step"] == best_step
+    assert json.loads((out / "model.json").read_text())["global_step"] == best_step
 
 
 @pytest.mark.slow
-def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_run, tmp_path):
+def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_run, chosen, exported, tmp_path):
     """Training fits the best checkpoint's temperature in its own session, on its validation pass's logits;
     evaluate fits it again through a graph of its own on the same split and must find the same value."""
     import numpy as np
@@ -92,16 +105,17 @@ def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_
     temperature = result.calibration["temperature"]
     recorded = rundir.read_calibration(train_dir, best.step)
     assert recorded["temperature"] == temperature and recorded["split"] == "validation"
-    evaluation = evaluate(EvaluateConfig(train_dir=str(train_dir), split="validation", html=False))
+    evaluation = chosen  # the default evaluate: the validation split, the best checkpoint
+    assert evaluation.split == "validation"
     assert evaluation.global_step == best.step and recorded["examples"] == evaluation.examples
     assert evaluation.temperature == pytest.approx(temperature, rel=1e-3)
     assert evaluation.ece_calibrated == pytest.approx(recorded["ece_after"], abs=1e-3)
     assert (train_dir / "calibration-validation.png").stat().st_size > 0
 
-    exported = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "model.pb")))
+    exported, out = exported
     assert exported.temperature == temperature
-    assert json.loads((tmp_path / "model.json").read_text())["temperature"] == temperature
-    graph_def = tf.compat.v1.GraphDef.FromString((tmp_path / "model.pb").read_bytes())
+    assert json.loads((out / "model.json").read_text())["temperature"] == temperature
+    graph_def = tf.compat.v1.GraphDef.FromString((out / "model.pb").read_bytes())
     images = np.random.default_rng(0).uniform(-1, 1, (4, 75, 75, 3)).astype(np.float32)
     with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
         tf.compat.v1.import_graph_def(graph_def, name="")

@@ -64,13 +64,25 @@ def _tensor(checkpoint, name):
     return tf.compat.v1.train.NewCheckpointReader(checkpoint).get_tensor(name)
 
 
-@pytest.mark.slow
-def test_head_on_cached_features_matches_the_head_trained_through_the_network(photos_and_dataset, standin_checkpoint):
+CACHED_SIZE = 107  # the full path trains the aux head too, which must not change the Logits layer's path
+
+
+@pytest.fixture(scope="module")
+def full_and_cached(photos_and_dataset, standin_checkpoint):
+    """The same short run through the network and on cached features; the cached one is also evaluated and
+    exported below."""
     root = photos_and_dataset
-    # 107 pixels: the full path trains the aux head too, which must not change the Logits layer's path.
-    common = dict(image_size=107, steps=12, dropout_keep=1.0, lr_search="off")  # the same rate on both paths
+    # The same rate on both; one validation pass, at the end (passes do not touch training, and the accuracies
+    # compared are the last pass's), instead of four that each keep a best checkpoint.
+    common = dict(image_size=CACHED_SIZE, steps=12, eval_every=12, dropout_keep=1.0, lr_search="off")
     full = train(_config(root, standin_checkpoint, "full", feature_cache="off", **common))
     cached = train(_config(root, standin_checkpoint, "cached", feature_cache="on", **common))
+    return full, cached
+
+
+@pytest.mark.slow
+def test_head_on_cached_features_matches_the_head_trained_through_the_network(full_and_cached):
+    full, cached = full_and_cached
     assert full.feature_cache is None and cached.feature_cache["computed"] > 0
     for name in (f"{HEAD}/weights", f"{HEAD}/biases"):
         a, b = _tensor(full.checkpoint, name), _tensor(cached.checkpoint, name)
@@ -84,13 +96,13 @@ def test_head_on_cached_features_matches_the_head_trained_through_the_network(ph
 
 @pytest.mark.slow
 def test_cached_checkpoint_predicts_like_the_cached_head_through_evaluate_and_export(
-    photos_and_dataset, standin_checkpoint, tmp_path
+    photos_and_dataset, standin_checkpoint, full_and_cached, tmp_path
 ):
     root = photos_and_dataset
-    result = train(_config(root, standin_checkpoint, "cached-export", feature_cache="on", steps=10))
+    result = full_and_cached[1]
     # The cache-trained head applied by hand to the cached validation features...
     digest = features.backbone_digest(str(standin_checkpoint))
-    cache = features.FeatureCache(root / "cache", digest, 75)
+    cache = features.FeatureCache(root / "cache", digest, CACHED_SIZE)
     from finetune.dataset import load_dataset
 
     examples = features.scan_split(load_dataset(root / "ds"), "validation")
@@ -101,15 +113,16 @@ def test_cached_checkpoint_predicts_like_the_cached_head_through_evaluate_and_ex
     by_hand /= by_hand.sum(1, keepdims=True)
     # ...equals evaluate on the whole-network checkpoint, and the exported graph.
     # The checkpoint written at the end, not the best validation pass's, which evaluate would take by default.
-    evaluation = evaluate(EvaluateConfig(train_dir=str(root / "cached-export"), checkpoint="newest"))
+    # No HTML report: its Grad-CAM maps are not under test here and would add a gradient pass to each.
+    evaluation = evaluate(EvaluateConfig(train_dir=str(root / "cached"), checkpoint="newest", html=False))
     assert [p.path for p in evaluation.predictions] == [e.path.decode() for e in examples]
     assert [p.predicted for p in evaluation.predictions] == [evaluation.classes[i] for i in by_hand.argmax(1)]
     np.testing.assert_allclose([p.confidence for p in evaluation.predictions], by_hand.max(1), atol=1e-5)
     from finetune.export import export
 
-    exported = export(ExportConfig(train_dir=str(root / "cached-export"), out=str(tmp_path / "m.pb"),
+    exported = export(ExportConfig(train_dir=str(root / "cached"), out=str(tmp_path / "m.pb"),
                                    checkpoint="newest"))
-    from_pb = evaluate(EvaluateConfig(model=exported.model, dataset=str(root / "ds")))
+    from_pb = evaluate(EvaluateConfig(model=exported.model, dataset=str(root / "ds"), html=False))
     assert [p.predicted for p in from_pb.predictions] == [p.predicted for p in evaluation.predictions]
 
 
