@@ -7,7 +7,6 @@ short trained run with --ema.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
