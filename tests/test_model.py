@@ -63,25 +63,30 @@ def test_image_size_range_is_checked():
     assert not model.aux_head_fits(106) and model.aux_head_fits(107) and model.aux_head_fits(299)
 
 
-@pytest.mark.parametrize("size", [75, 106, 107, 330])
+def _assert_built_at(net, size, batch):
+    assert net.logits.shape.as_list() == [batch, 5]
+    assert net.features.shape.as_list() == [batch, model.FEATURE_SIZE]
+    assert (net.aux_logits is not None) == model.aux_head_fits(size)
+
+
+# 75 (the smallest size) and 107 (the smallest with the aux head) are built, with the head trained, and
+# checked with _assert_built_at in the checkpoint tests below, which need those graphs anyway.
+@pytest.mark.parametrize("size", [106, 330])
 def test_network_builds_at_the_edges_of_its_size_range(size):
     with tf.Graph().as_default():
         images = tf.zeros([2, size, size, 3])
-        net = model.build(images, 5, train_scopes=model.PRESETS["logits"])
-        assert net.logits.shape.as_list() == [2, 5]
-        assert net.features.shape.as_list() == [2, model.FEATURE_SIZE]
-        assert (net.aux_logits is not None) == model.aux_head_fits(size)
+        _assert_built_at(model.build(images, 5, train_scopes=model.PRESETS["logits"]), size, 2)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def test_opens_v1_file_v2_prefix_and_train_dir(standin_checkpoint, tmp_path):
+def test_opens_v1_file_v2_prefix_and_train_dir_and_builds_at_75(standin_checkpoint, tmp_path):
     v1 = model.open_checkpoint(standin_checkpoint)
     assert v1.num_classes == 1001 and len(v1.shapes) == 388
     assert v1.shapes["InceptionV3/Logits/Conv2d_1c_1x1/weights"] == [1, 1, 2048, 1001]
     with tf.Graph().as_default():
-        model.build(tf.zeros([1, 75, 75, 3]), 5)
+        _assert_built_at(model.build(tf.zeros([1, 75, 75, 3]), 5, train_scopes=model.PRESETS["logits"]), 75, 1)
         saver = tf.compat.v1.train.Saver(model.model_variables())
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
@@ -109,12 +114,12 @@ def test_checkpoint_errors_name_the_path_and_the_fix(tmp_path):
         model.open_checkpoint(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
 
 
-def test_default_exclusion_restores_everything_else_exactly(standin_checkpoint, checkpoint_values):
+def test_default_exclusion_restores_everything_else_exactly_and_builds_at_107(standin_checkpoint, checkpoint_values):
     checkpoint = model.open_checkpoint(standin_checkpoint)
     exclude = model.default_exclusions(5, checkpoint)
     assert exclude == model.HEAD_SCOPES
     with tf.Graph().as_default():
-        model.build(_images(), 5, train_scopes=model.PRESETS["logits"])
+        _assert_built_at(model.build(_images(), 5, train_scopes=model.PRESETS["logits"]), SIZE, BATCH)
         to_restore = model.variables_to_restore(exclude)
         uninitialised = tf.compat.v1.report_uninitialized_variables()
         with tf.compat.v1.Session() as session:
