@@ -340,3 +340,21 @@ def exported_model(trained_run, tmp_path_factory) -> Path:
     result = run_cli("export", "--train-dir", str(trained_run.train_dir), "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run_validation(trained_run):
+    """trained_run's validation split (pixels, labels, paths) and its checkpoint's float32 probabilities on
+    it: the reference that export's graphs and --precision bf16 are compared with, computed once."""
+    from types import SimpleNamespace
+
+    from finetune import model
+    from finetune.compat import tf
+
+    images, labels, paths = validation_examples(trained_run)
+    with tf.Graph().as_default():
+        net = model.build(tf.constant(images), 6)
+        with tf.compat.v1.Session() as session:
+            tf.compat.v1.train.Saver(model.model_variables()).restore(session, trained_run.checkpoint)
+            probabilities = session.run(net.probabilities)
+    return SimpleNamespace(images=images, labels=labels, paths=paths, probabilities=probabilities)

@@ -10,13 +10,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from finetune import model
 from finetune.compat import tf
 from finetune.config import EvaluateConfig, ExportConfig
 from finetune.dataset import load_dataset
 from finetune.evaluate import evaluate
 from finetune.export import export
-from tests.conftest import run_cli, validation_examples
+from tests.conftest import run_cli
 
 # Run in a fresh interpreter: TensorFlow alone, as a serving client would (no finetune, no tf_slim).
 PLAIN_TENSORFLOW = textwrap.dedent(
@@ -47,17 +46,16 @@ def exported(trained_run, tmp_path_factory):
     return result
 
 
-def _checkpoint_probabilities(run, images):
-    with tf.Graph().as_default():
-        net = model.build(tf.constant(images), 6)
-        with tf.compat.v1.Session() as session:
-            tf.compat.v1.train.Saver(model.model_variables()).restore(session, run.checkpoint)
-            return session.run(net.probabilities)
+@pytest.fixture(scope="module")
+def checkpoint_evaluation(trained_run):
+    """evaluate on the run's checkpoint, once: the answers the exported model must agree with."""
+    return evaluate(EvaluateConfig(train_dir=str(trained_run.train_dir), html=False))  # the HTML is test_report's
 
 
 @pytest.mark.slow
-def test_frozen_graph_in_plain_tensorflow_matches_the_checkpoint(trained_run, exported, tmp_path):
-    images, _, paths = validation_examples(trained_run)
+def test_frozen_graph_in_plain_tensorflow_matches_the_checkpoint(trained_run, trained_run_validation, exported,
+                                                                tmp_path):
+    images, paths = trained_run_validation.images, trained_run_validation.paths
     np.save(tmp_path / "images.npy", images)
     files = [str(trained_run.photos / p) for p in paths]  # JPEGs, stored in the records byte for byte
     script = tmp_path / "plain.py"
@@ -66,7 +64,7 @@ def test_frozen_graph_in_plain_tensorflow_matches_the_checkpoint(trained_run, ex
                              str(tmp_path / "out.npz"), *files], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = np.load(tmp_path / "out.npz")
-    expected = _checkpoint_probabilities(trained_run, images)
+    expected = trained_run_validation.probabilities
     assert np.abs(out["by_input"] - expected).max() < 1e-5
     assert np.array_equal(out["slim_name"], out["by_input"])
     # The same files through image_bytes: the same decoder and eval transform as the reader, run inside the
@@ -85,25 +83,26 @@ def test_sidecars_describe_the_model(trained_run, exported):
 
 
 @pytest.mark.slow
-def test_saved_model_serves_the_same_probabilities(trained_run, exported):
-    images, _, paths = validation_examples(trained_run)
+def test_saved_model_serves_the_same_probabilities(trained_run, trained_run_validation, exported):
+    paths = trained_run_validation.paths
     loaded = tf.saved_model.load(exported.saved_model)
     files = tf.constant([(trained_run.photos / p).read_bytes() for p in paths[:4]])
     served = loaded.signatures["serving_default"](image_bytes=files)["probabilities"].numpy()
-    expected = _checkpoint_probabilities(trained_run, images[:4])
+    expected = trained_run_validation.probabilities[:4]  # computed in one batch with the rest
     assert np.abs(served - expected).max() < 1e-5
 
 
 @pytest.mark.slow
-def test_evaluating_the_pb_matches_the_checkpoint(trained_run, exported):
-    from_pb = evaluate(EvaluateConfig(model=exported.model))
-    from_checkpoint = evaluate(EvaluateConfig(train_dir=str(trained_run.train_dir)))
+def test_evaluating_the_pb_matches_the_checkpoint(exported, checkpoint_evaluation):
+    from_pb = evaluate(EvaluateConfig(model=exported.model, html=False))
+    from_checkpoint = checkpoint_evaluation
     assert from_pb.top1 == from_checkpoint.top1 and from_pb.confusion == from_checkpoint.confusion
 
 
 @pytest.mark.slow
-def test_predict_agrees_with_evaluate_and_survives_a_corrupt_file(trained_run, exported, tmp_path):
-    evaluation = evaluate(EvaluateConfig(train_dir=str(trained_run.train_dir)))
+def test_predict_agrees_with_evaluate_and_survives_a_corrupt_file(trained_run, exported, checkpoint_evaluation,
+                                                                  tmp_path):
+    evaluation = checkpoint_evaluation
     folder = tmp_path / "to-label"
     folder.mkdir()
     for example in evaluation.predictions:

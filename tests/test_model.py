@@ -63,25 +63,30 @@ def test_image_size_range_is_checked():
     assert not model.aux_head_fits(106) and model.aux_head_fits(107) and model.aux_head_fits(299)
 
 
-@pytest.mark.parametrize("size", [75, 106, 107, 330])
+def _assert_built_at(net, size, batch):
+    assert net.logits.shape.as_list() == [batch, 5]
+    assert net.features.shape.as_list() == [batch, model.FEATURE_SIZE]
+    assert (net.aux_logits is not None) == model.aux_head_fits(size)
+
+
+# 75 (the smallest size) and 107 (the smallest with the aux head) are built, with the head trained, and
+# checked with _assert_built_at in the checkpoint tests below, which need those graphs anyway.
+@pytest.mark.parametrize("size", [106, 330])
 def test_network_builds_at_the_edges_of_its_size_range(size):
     with tf.Graph().as_default():
         images = tf.zeros([2, size, size, 3])
-        net = model.build(images, 5, train_scopes=model.PRESETS["logits"])
-        assert net.logits.shape.as_list() == [2, 5]
-        assert net.features.shape.as_list() == [2, model.FEATURE_SIZE]
-        assert (net.aux_logits is not None) == model.aux_head_fits(size)
+        _assert_built_at(model.build(images, 5, train_scopes=model.PRESETS["logits"]), size, 2)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def test_opens_v1_file_v2_prefix_and_train_dir(standin_checkpoint, tmp_path):
+def test_opens_v1_file_v2_prefix_and_train_dir_and_builds_at_75(standin_checkpoint, tmp_path):
     v1 = model.open_checkpoint(standin_checkpoint)
     assert v1.num_classes == 1001 and len(v1.shapes) == 388
     assert v1.shapes["InceptionV3/Logits/Conv2d_1c_1x1/weights"] == [1, 1, 2048, 1001]
     with tf.Graph().as_default():
-        model.build(tf.zeros([1, 75, 75, 3]), 5)
+        _assert_built_at(model.build(tf.zeros([1, 75, 75, 3]), 5, train_scopes=model.PRESETS["logits"]), 75, 1)
         saver = tf.compat.v1.train.Saver(model.model_variables())
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
@@ -109,12 +114,12 @@ def test_checkpoint_errors_name_the_path_and_the_fix(tmp_path):
         model.open_checkpoint(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
 
 
-def test_default_exclusion_restores_everything_else_exactly(standin_checkpoint, checkpoint_values):
+def test_default_exclusion_restores_everything_else_exactly_and_builds_at_107(standin_checkpoint, checkpoint_values):
     checkpoint = model.open_checkpoint(standin_checkpoint)
     exclude = model.default_exclusions(5, checkpoint)
     assert exclude == model.HEAD_SCOPES
     with tf.Graph().as_default():
-        model.build(_images(), 5, train_scopes=model.PRESETS["logits"])
+        _assert_built_at(model.build(_images(), 5, train_scopes=model.PRESETS["logits"]), SIZE, BATCH)
         to_restore = model.variables_to_restore(exclude)
         uninitialised = tf.compat.v1.report_uninitialized_variables()
         with tf.compat.v1.Session() as session:
@@ -158,10 +163,13 @@ def test_same_class_count_restores_the_head_too(standin_checkpoint):
 
 
 def _train_a_few_steps(checkpoint, train_scopes, steps=3):
-    """Restores, then runs a few SGD steps on random images; returns variables before and after."""
+    """Restores, then runs a few SGD steps on random images; returns variables before and after, and the
+    features feeding the head before training, from the training graph and from the pure inference graph."""
     with tf.Graph().as_default():
         tf.compat.v1.set_random_seed(0)
-        net = model.build(_images(), 5, train_scopes=train_scopes)
+        images = _images()
+        net = model.build(images, 5, train_scopes=train_scopes)
+        eval_net = model.build(images, 5, reuse=True)
         labels = tf.constant([0, 1, 2, 3])
         loss = tf.compat.v1.losses.sparse_softmax_cross_entropy(labels, net.logits)
         if net.aux_logits is not None:
@@ -174,16 +182,19 @@ def _train_a_few_steps(checkpoint, train_scopes, steps=3):
             model.restore(session, model.variables_to_restore(model.HEAD_SCOPES), checkpoint)
             everything = model.model_variables()
             before = _values(session, everything)
+            features = session.run([net.features, eval_net.features])
             for _ in range(steps):
                 session.run(train_op)
             after = _values(session, everything)
-    return [v.op.name for v in trainable], before, after
+    return [v.op.name for v in trainable], before, after, features
 
 
 @pytest.mark.slow
-def test_training_logits_changes_exactly_the_head(standin_checkpoint):
+def test_training_logits_changes_exactly_the_head_and_frozen_layers_compute_in_inference_mode(standin_checkpoint):
     checkpoint = model.open_checkpoint(standin_checkpoint)
-    trainable, before, after = _train_a_few_steps(checkpoint, model.PRESETS["logits"])
+    trainable, before, after, (train_features, eval_features) = _train_a_few_steps(
+        checkpoint, model.PRESETS["logits"]
+    )
     head = {n for n in before if model.in_scopes(n, model.HEAD_SCOPES) and "moving_" not in n}
     assert set(trainable) == head and len(head) == 8
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
@@ -192,31 +203,9 @@ def test_training_logits_changes_exactly_the_head(standin_checkpoint):
     assert "InceptionV3/AuxLogits/Conv2d_1b_1x1/BatchNorm/moving_mean" in changed
     # ...and nothing else did: frozen weights and frozen batch-norm statistics are bit-identical.
     assert all(model.in_scopes(n, model.HEAD_SCOPES) for n in changed)
-
-
-@pytest.mark.slow
-def test_training_mixed_7_changes_its_blocks_and_nothing_below(standin_checkpoint):
-    checkpoint = model.open_checkpoint(standin_checkpoint)
-    scopes = model.PRESETS["mixed_7"]
-    trainable, before, after = _train_a_few_steps(checkpoint, scopes)
-    changed = {n for n in before if not np.array_equal(before[n], after[n])}
-    assert set(trainable) <= changed
-    mixed_7_stats = {n for n in before if model.in_scopes(n, scopes[2:]) and "moving_" in n}
-    assert mixed_7_stats and mixed_7_stats <= changed
-    assert any("Mixed_7a" in n for n in trainable) and any("Mixed_7c" in n for n in trainable)
-    assert all(model.in_scopes(n, scopes) for n in changed)
-
-
-@pytest.mark.slow
-def test_frozen_layers_compute_in_inference_mode(standin_checkpoint):
-    """The features feeding a trained head equal the pure inference graph's: no batch statistics used."""
-    checkpoint = model.open_checkpoint(standin_checkpoint)
-    with tf.Graph().as_default():
-        images = _images(seed=3)
-        train_net = model.build(images, 5, train_scopes=model.PRESETS["logits"])
-        eval_net = model.build(images, 5, reuse=True)
-        with tf.compat.v1.Session() as session:
-            session.run(tf.compat.v1.global_variables_initializer())
-            model.restore(session, model.variables_to_restore(model.HEAD_SCOPES), checkpoint)
-            train_features, eval_features = session.run([train_net.features, eval_net.features])
+    # The features feeding the trained head equal the pure inference graph's: no batch statistics used.
     np.testing.assert_allclose(train_features, eval_features, rtol=1e-5, atol=1e-5)
+
+
+# Training mixed_7 (its blocks change, nothing below does) is asserted through train() itself, in
+# test_train.py's test_training_mixed_7_also_changes_those_blocks_and_nothing_below.

@@ -14,7 +14,7 @@ from finetune.config import ExportConfig, TrainConfig
 from finetune.errors import FinetuneError
 from finetune.export import export
 from finetune.train import train
-from tests.conftest import run_cli, validation_examples
+from tests.conftest import run_cli
 
 SIZE = 75
 # bfloat16 keeps 8 significant bits: each op rounds to about 0.4% relative error, and ~100 layers of them
@@ -84,9 +84,8 @@ def bf16_model(trained_run, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_bf16_checkpoint_and_pb_give_probabilities_close_to_fp32(trained_run, bf16_model):
-    images, _, _ = validation_examples(trained_run)
-    fp32 = _checkpoint_probabilities(trained_run, images, "float32")
+def test_bf16_checkpoint_and_pb_give_probabilities_close_to_fp32(trained_run, trained_run_validation, bf16_model):
+    images, fp32 = trained_run_validation.images, trained_run_validation.probabilities
     bf16 = _checkpoint_probabilities(trained_run, images, "bfloat16")
     from_pb, graph_def = _pb_probabilities(bf16_model.model, images)
     for probabilities in (bf16, from_pb):

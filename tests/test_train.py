@@ -53,12 +53,20 @@ def _changed(before: dict, after: dict) -> set:
     return {name for name in before if name in after and not np.array_equal(before[name], after[name])}
 
 
+@pytest.fixture(scope="module")
+def head_run(dataset, standin_checkpoint, tmp_path_factory):
+    """A head-only run with the defaults (cached features), 40 steps saved at 20 and 40: asserted on by the
+    head test, built on by the two-phase recipe, and copied by the refused-train-dir test."""
+    train_dir = tmp_path_factory.mktemp("head") / "run"
+    return train(_config(dataset, train_dir, standin_checkpoint, steps=40, save_every=20)), train_dir
+
+
 @pytest.mark.slow
-def test_training_logits_changes_only_the_head_and_learns(dataset, standin_checkpoint, checkpoint_values, tmp_path):
-    result = train(_config(dataset, tmp_path / "run", standin_checkpoint, steps=40, save_every=20))
+def test_training_logits_changes_only_the_head_and_learns(head_run, checkpoint_values):
+    result, train_dir = head_run
     assert result.status == "completed" and result.global_step == 40
     final = _variables(result.checkpoint)
-    first = _variables(str(tmp_path / "run" / "model.ckpt-20"))
+    first = _variables(str(train_dir / "model.ckpt-20"))
     network = {n for n in final if n.startswith("InceptionV3/") and "/Adam" not in n}
     outside = {n for n in network if not model.in_scopes(n, model.HEAD_SCOPES)}
     assert outside == {n for n in checkpoint_values if not model.in_scopes(n, model.HEAD_SCOPES)}
@@ -84,7 +92,11 @@ def test_training_mixed_7_also_changes_those_blocks_and_nothing_below(
             assert np.array_equal(final[name], checkpoint_values[name]), name
     mixed_7 = {n for n in checkpoint_values if model.in_scopes(n, scopes[2:])}
     changed = _changed(checkpoint_values, final)
+    assert any("Mixed_7a" in n for n in mixed_7) and any("Mixed_7c" in n for n in mixed_7)
+    # Every variable of the three blocks moved: the trained ones (weights and batch-norm betas) by the
+    # optimizer, the batch-norm moving statistics by their updates (frozen below, as asserted above).
     assert {n for n in mixed_7 if n.endswith("/weights")} <= changed
+    assert {n for n in mixed_7 if "moving_" not in n} <= changed
     assert {n for n in mixed_7 if "moving_" in n} <= changed
 
 
@@ -107,32 +119,51 @@ def straight_run(dataset, standin_checkpoint, tmp_path_factory) -> Path:
     return train_dir
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
-def test_a_stopped_run_resumes_to_the_same_variables(dataset, standin_checkpoint, straight_run, tmp_path, stop):
-    # The stopped run is a process of its own: the signal is the point.
-    args = _train_args(dataset, tmp_path / "stopped", standin_checkpoint, *RESUMABLE)
+def _stop_when_saved(args, checkpoint_index: Path, stop) -> tuple[int, str, str]:
+    """Runs `finetune ARGS` in a process of its own and sends it ``stop`` once ``checkpoint_index`` exists."""
     process = subprocess.Popen([sys.executable, "-m", "finetune", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (tmp_path / "stopped" / "model.ckpt-4.index").exists():
+    while not checkpoint_index.exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=300)
-    if stop == signal.SIGINT:
-        assert process.returncode == 130, stderr
-        assert stdout.startswith("interrupted:")
-    else:
-        assert process.returncode == -signal.SIGKILL
-    stopped_at = tf.train.latest_checkpoint(str(tmp_path / "stopped"))
-    assert stopped_at and int(stopped_at.rsplit("-", 1)[1]) < 14
+    return process.returncode, stdout, stderr
+
+
+def _step(prefix: str) -> int:
+    return int(prefix.rsplit("-", 1)[1])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigint_then_sigkill_resumes_to_the_same_variables(
+    dataset, standin_checkpoint, straight_run, tmp_path
+):
+    # The stopped runs are processes of their own: the signals are the point. One run is stopped twice:
+    # Ctrl-C first (a clean stop with a final save), then, once resumed, SIGKILL (no chance to save).
+    stopped = tmp_path / "stopped"
+    args = _train_args(dataset, stopped, standin_checkpoint, *RESUMABLE)
+    code, stdout, stderr = _stop_when_saved(args, stopped / "model.ckpt-4.index", signal.SIGINT)
+    assert code == 130, stderr
+    assert stdout.startswith("interrupted:")
+    interrupted_at = tf.train.latest_checkpoint(str(stopped))
+    assert interrupted_at and _step(interrupted_at) < 14
+
+    # Resumed, it must write a checkpoint of its own (the next even step after the interrupted one) before
+    # it is killed.
+    after = _step(interrupted_at) + 2 - _step(interrupted_at) % 2
+    code, _, stderr = _stop_when_saved(args, stopped / f"model.ckpt-{after}.index", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert f"resuming from {interrupted_at}" in stderr
+    killed_at = tf.train.latest_checkpoint(str(stopped))
+    assert killed_at and _step(interrupted_at) < _step(killed_at) < 14
 
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {stopped_at}" in resumed.stderr
+    assert f"resuming from {killed_at}" in resumed.stderr
     a = _variables(tf.train.latest_checkpoint(str(straight_run)))
-    b = _variables(tf.train.latest_checkpoint(str(tmp_path / "stopped")))
+    b = _variables(tf.train.latest_checkpoint(str(stopped)))
     assert a.keys() == b.keys() and int(a["global_step"]) == int(b["global_step"]) == 14
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -194,26 +225,31 @@ def test_missing_inputs_are_reported_before_tensorflow_works(dataset, standin_ch
 
 
 @pytest.mark.slow
-def test_a_train_dir_for_another_dataset_is_refused_unless_overwrite(dataset, standin_checkpoint, tmp_path):
+def test_a_train_dir_for_another_dataset_is_refused_unless_overwrite(dataset, head_run, standin_checkpoint, tmp_path):
+    import shutil
+
     from finetune.synthetic import make_image_folder
 
-    first = train(_config(dataset, tmp_path / "run", standin_checkpoint, steps=1))
+    # A copy of the module's head run stands in for a first run on `dataset` (checkpoint paths are relative).
+    shutil.copytree(head_run[1], tmp_path / "run")
+    first = str(tmp_path / "run" / Path(head_run[0].checkpoint).name)
+    assert tf.train.latest_checkpoint(str(tmp_path / "run")) == first
     make_image_folder(tmp_path / "other", num_classes=2, images_per_class=8, seed=1, min_side=90, max_side=120)
     built = run_cli("build-dataset", str(tmp_path / "other"), "--out", str(tmp_path / "other-ds"),
                     "--validation-fraction", "0.25", "--workers", "1")  # fmt: skip
     assert built.returncode == 0, built.stderr
     with pytest.raises(FinetuneError, match="holds a run with another dataset fingerprint"):
         train(_config(tmp_path / "other-ds", tmp_path / "run", standin_checkpoint, steps=1))
-    assert tf.train.latest_checkpoint(str(tmp_path / "run")) == first.checkpoint
+    assert tf.train.latest_checkpoint(str(tmp_path / "run")) == first
     again = train(_config(tmp_path / "other-ds", tmp_path / "run", standin_checkpoint, steps=1, overwrite=True))
     assert again.start_step == 0 and again.global_step == 1
     assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == ["discs", "squares"]
 
 
 @pytest.mark.slow
-def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, standin_checkpoint, tmp_path):
-    head = train(_config(dataset, tmp_path / "head", standin_checkpoint, steps=30))
-    deeper = train(_config(dataset, tmp_path / "deeper", tmp_path / "head", trainable="mixed_7", steps=2,
+def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, head_run, tmp_path):
+    head, head_dir = head_run
+    deeper = train(_config(dataset, tmp_path / "deeper", head_dir, trainable="mixed_7", steps=2,
                            augment=False))  # fmt: skip
     plan = json.loads((tmp_path / "deeper" / "config.json").read_text())
     # The head trained on cached features (the default for logits), which leaves no aux head: that part
@@ -228,7 +264,7 @@ def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, standin_checkpo
     assert np.abs(first).max() > 5e-3 and np.abs(second - first).max() < 5e-4
     # A head-only run from the first one (the cached path again) also starts from its trained head, not
     # from zero: one adam step at 1e-3 moves a weight by about 1e-3 at most.
-    again = train(_config(dataset, tmp_path / "again", tmp_path / "head", steps=1))
+    again = train(_config(dataset, tmp_path / "again", head_dir, steps=1))
     assert json.loads((tmp_path / "again" / "config.json").read_text())["feature_cache"] is True
     third = _variables(again.checkpoint)[name]
     assert np.abs(third - first).max() < 2e-3
