@@ -101,6 +101,20 @@ def test_scores(train_dir: Path, which: str, tta: str) -> dict:
             "top1_without_tta": result.top1_without_tta}  # fmt: skip
 
 
+def summarise(runs: list[dict], checkpoints: list[str], fields: list[tuple[str, str]]) -> dict:
+    """Per checkpoint, each (run field, metric)'s mean and spread over the seeds, where it was measured."""
+    summary = {}
+    for checkpoint in checkpoints:
+        mine = [r for r in runs if r["checkpoint"] == checkpoint]
+        summary[checkpoint] = {
+            f"{field}_{metric}": {"mean": float(np.mean(v)), "std": float(np.std(v))}
+            for field, metric in fields
+            for v in [[r[field][metric] for r in mine if r[field].get(metric) is not None]]
+            if v
+        }  # fmt: skip
+    return summary
+
+
 def features_bench(args: argparse.Namespace, dataset: Path) -> None:
     runs = []
     for checkpoint in args.checkpoint:
@@ -120,14 +134,9 @@ def features_bench(args: argparse.Namespace, dataset: Path) -> None:
                         run[f"{variant}_{which}_{tta}"] = test_scores(train_dir, which, tta)
             runs.append(run)
             print(json.dumps(run), file=sys.stderr)
-    summary = {}
-    for checkpoint in args.checkpoint:
-        mine = [r for r in runs if r["checkpoint"] == checkpoint]
-        summary[checkpoint] = {
-            f"{variant}_{which}_{tta}_{metric}": {"mean": float(np.mean(v)), "std": float(np.std(v))}
-            for variant, which, tta in FEATURE_EVALUATIONS for metric in ("top1", "ece", "balanced_accuracy")
-            for v in [[r[f"{variant}_{which}_{tta}"][metric] for r in mine]]
-        }  # fmt: skip
+    summary = summarise(runs, args.checkpoint, [(f"{variant}_{which}_{tta}", metric)
+                                                for variant, which, tta in FEATURE_EVALUATIONS
+                                                for metric in ("top1", "ece", "balanced_accuracy")])  # fmt: skip
     print(json.dumps({"image_size": args.image_size, "counts": COUNTS, "flipped": FLIPPED, "split": "test",
                       "runs": runs, "summary": summary}, indent=2))  # fmt: skip
 
@@ -162,16 +171,9 @@ def main() -> None:
                     run[f"{which}_{split}"] = scores(train_dir, split, which)
             runs.append(run)
             print(json.dumps(run), file=sys.stderr)
-    summary = {}
-    for checkpoint in args.checkpoint:
-        mine = [r for r in runs if r["checkpoint"] == checkpoint]
-        summary[checkpoint] = {
-            f"{which}_{split}_{metric}": {"mean": float(np.mean(v)), "std": float(np.std(v))}
-            for which in ("newest", "best") for split in ("validation", "test")
-            for metric in ("top1", "ece", "ece_calibrated", "temperature")
-            for v in [[r[f"{which}_{split}"][metric] for r in mine if r[f"{which}_{split}"].get(metric) is not None]]
-            if v
-        }  # fmt: skip
+    summary = summarise(runs, args.checkpoint, [(f"{which}_{split}", metric)
+                                                for which in ("newest", "best") for split in ("validation", "test")
+                                                for metric in ("top1", "ece", "ece_calibrated", "temperature")])  # fmt: skip
     print(json.dumps({"image_size": args.image_size, "counts": COUNTS, "flipped": FLIPPED, "runs": runs,
                       "summary": summary}, indent=2))  # fmt: skip
 
