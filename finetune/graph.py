@@ -321,17 +321,10 @@ def _validate(session, validation: tuple) -> float:
 
 def validation_metrics(session, validation: tuple) -> dict[str, float]:
     """One pass over the validation split: accuracy and mean cross-entropy."""
-    from finetune.compat import tf
-
     initializer, correct_op, count_op, loss_op, _, _ = validation
-    session.run(initializer)
     correct = total = 0
     loss = 0.0
-    while True:
-        try:
-            batch_correct, batch_count, batch_loss = session.run([correct_op, count_op, loss_op])
-        except tf.errors.OutOfRangeError:
-            break
+    for batch_correct, batch_count, batch_loss in _each_batch(session, initializer, [correct_op, count_op, loss_op]):
         correct += int(batch_correct)
         total += int(batch_count)
         loss += float(batch_loss)
@@ -341,16 +334,19 @@ def validation_metrics(session, validation: tuple) -> dict[str, float]:
 
 def validation_logits(session, validation: tuple) -> tuple[np.ndarray, np.ndarray]:
     """One pass over the validation split: every image's logits [N, classes] and labels [N], in file order."""
+    initializer, _, _, _, logits_op, labels_op = validation
+    batches = list(_each_batch(session, initializer, [logits_op, labels_op]))
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def _each_batch(session, initializer, fetches: list):
+    """Restarts the validation iterator and yields ``fetches`` for each of its batches until it runs out."""
     from finetune.compat import tf
 
-    initializer, _, _, _, logits_op, labels_op = validation
     session.run(initializer)
-    logits, labels = [], []
     while True:
         try:
-            batch_logits, batch_labels = session.run([logits_op, labels_op])
+            values = session.run(fetches)
         except tf.errors.OutOfRangeError:
-            break
-        logits.append(batch_logits)
-        labels.append(batch_labels)
-    return np.concatenate(logits), np.concatenate(labels)
+            return
+        yield values
