@@ -119,17 +119,23 @@ def straight_run(dataset, standin_checkpoint, tmp_path_factory) -> Path:
     return train_dir
 
 
-def _stop_when_saved(args, checkpoint_index: Path, stop) -> tuple[int, str, str]:
-    """Runs `finetune ARGS` in a process of its own and sends it ``stop`` once ``checkpoint_index`` exists."""
+def _stop_when_saved(args, run_dir: Path, step: int, stop) -> tuple[int, str, str]:
+    """Runs `finetune ARGS` in a process of its own and sends it ``stop`` once the checkpoint of ``step`` is the
+    run's latest: its files and the record naming it (written after them) are both on disk."""
     process = subprocess.Popen([sys.executable, "-m", "finetune", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not checkpoint_index.exists():
+    while not _saved_at_least(run_dir, step):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=300)
     return process.returncode, stdout, stderr
+
+
+def _saved_at_least(run_dir: Path, step: int) -> bool:
+    latest = tf.train.latest_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    return latest is not None and _step(latest) >= step
 
 
 def _step(prefix: str) -> int:
@@ -144,7 +150,7 @@ def test_a_run_stopped_by_sigint_then_sigkill_resumes_to_the_same_variables(
     # Ctrl-C first (a clean stop with a final save), then, once resumed, SIGKILL (no chance to save).
     stopped = tmp_path / "stopped"
     args = _train_args(dataset, stopped, standin_checkpoint, *RESUMABLE)
-    code, stdout, stderr = _stop_when_saved(args, stopped / "model.ckpt-4.index", signal.SIGINT)
+    code, stdout, stderr = _stop_when_saved(args, stopped, 4, signal.SIGINT)
     assert code == 130, stderr
     assert stdout.startswith("interrupted:")
     interrupted_at = tf.train.latest_checkpoint(str(stopped))
@@ -153,7 +159,7 @@ def test_a_run_stopped_by_sigint_then_sigkill_resumes_to_the_same_variables(
     # Resumed, it must write a checkpoint of its own (the next even step after the interrupted one) before
     # it is killed.
     after = _step(interrupted_at) + 2 - _step(interrupted_at) % 2
-    code, _, stderr = _stop_when_saved(args, stopped / f"model.ckpt-{after}.index", signal.SIGKILL)
+    code, _, stderr = _stop_when_saved(args, stopped, after, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert f"resuming from {interrupted_at}" in stderr
     killed_at = tf.train.latest_checkpoint(str(stopped))
