@@ -115,9 +115,39 @@ def _faster_graph_building() -> None:
     ops.executing_eagerly_outside_functions = executing_eagerly_outside_functions
 
 
+def _no_needless_class_rebasing() -> None:
+    """Keras's legacy layers (tf-slim's conv and batch norm layers) pick their v1 or v2 base class at every
+    construction: ``version_utils.swap_class`` walks the layer's bases and assigns ``cls.__bases__`` on every
+    class of the way, even when nothing changes. Each assignment makes Python recompute the method order of
+    the class and every subclass of it; InceptionV3 constructs about 190 layers per copy, and this took a
+    fifth of the time to build one (measured: 2.0 s -> 1.6 s for a copy at 107 px). The replacement makes the
+    same choices and assigns only bases that differ: the class hierarchy it leaves is the one TensorFlow's
+    leaves. tests/test_compat.py compares the two, both ways round.
+    """
+    from tensorflow.python.keras.utils import version_utils
+
+    theirs = version_utils.swap_class
+
+    def swap_class(cls, v2_cls, v1_cls, use_v2):
+        if cls is object:
+            return cls
+        if cls in (v2_cls, v1_cls):
+            return v2_cls if use_v2 else v1_cls
+        wrong = v1_cls if use_v2 else v2_cls
+        bases = tuple(swap_class(base, v2_cls, v1_cls, use_v2) if issubclass(base, wrong) else base
+                      for base in cls.__bases__)  # fmt: skip
+        if bases != cls.__bases__:
+            cls.__bases__ = bases
+        return cls
+
+    swap_class.tensorflow_s = theirs  # for the test that compares them
+    version_utils.swap_class = swap_class
+
+
 tf = _import_tensorflow()
 PATCHES_APPLIED = tuple(_patch_tensorflow_for_tf_slim())
 _faster_graph_building()
+_no_needless_class_rebasing()
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

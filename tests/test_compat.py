@@ -147,3 +147,30 @@ def test_the_faster_eagerness_question_answers_as_tensorflow_does_everywhere():
     with tf.Graph().as_default():
         variable = tf.compat.v1.Variable(1.0)
         assert variable in {variable}
+
+
+def test_the_class_swap_leaves_the_hierarchy_tensorflow_s_leaves_both_ways_round():
+    from tensorflow.python.keras.engine import base_layer, base_layer_v1
+    from tensorflow.python.keras.utils import version_utils
+
+    ours = version_utils.swap_class
+    theirs = ours.tensorflow_s
+
+    def hierarchy():  # a layer two levels below keras's v2 Layer, as tf-slim's legacy layers are
+        middle = type("Middle", (base_layer.Layer,), {})
+        return type("Leaf", (middle, version_utils.LayerVersionSelector), {})
+
+    mine, reference = hierarchy(), hierarchy()
+    orders = []
+    for use_v2 in (False, False, True, True, False):
+        got = ours(mine, base_layer.Layer, base_layer_v1.Layer, use_v2)
+        expected = theirs(reference, base_layer.Layer, base_layer_v1.Layer, use_v2)
+        assert got is mine and expected is reference
+        orders.append(([c.__name__ for c in mine.__mro__], [c.__name__ for c in reference.__mro__]))
+    assert all(a == b for a, b in orders)
+    assert (base_layer_v1.Layer in mine.__mro__) is True  # the last swap, to v1, happened
+    # And the conv layer slim builds, constructed in a graph, is a v1 layer.
+    from tensorflow.python.layers import convolutional
+
+    with tf.Graph().as_default():
+        assert isinstance(convolutional.Conv2D(2, 3), base_layer_v1.Layer)
