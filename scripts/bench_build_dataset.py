@@ -3,6 +3,10 @@
     python scripts/bench_build_dataset.py                # 2,000 images in 5 classes, workers 1 and 2
     python scripts/bench_build_dataset.py --images 500 --workers 1 2 4 --repeats 3
     python scripts/bench_build_dataset.py --workers 2 --near-duplicates on off --repeats 3   # hashing's cost
+    PYTHONPATH=OLD_CHECKOUT python scripts/bench_build_dataset.py --workers 2 --near-duplicates default
+
+"default" passes no near-duplicate setting at all, so the same command also times a checkout from before the
+setting existed (the build as it was before near-duplicate hashing: docs/benchmarks.md has the figures).
 
 The folder is generated once under --work (default: a temporary folder) and reused by every run. TensorFlow
 is imported before the clock starts, so the figures are the build's own throughput (scan, check and decode
@@ -57,8 +61,9 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=5, help="class folders (default: 5)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default: 1 2)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per worker count (default: 2)")
-    parser.add_argument("--near-duplicates", nargs="+", default=["on"], choices=("on", "off"),
-                        help="near-duplicate settings to time, alternating run by run (default: on)")
+    parser.add_argument("--near-duplicates", nargs="+", default=["on"], choices=("on", "off", "default"),
+                        help="near-duplicate settings to time, alternating run by run; default: the build's own "
+                             "default, passing none (default: on)")
     parser.add_argument("--work", help="folder for the images and datasets (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -79,8 +84,8 @@ def main() -> int:
             for near in args.near_duplicates:  # alternating, so a busy spell of the machine hits both alike
                 out = work / f"dataset_w{workers}"
                 shutil.rmtree(out, ignore_errors=True)
-                config = BuildDatasetConfig(image_dir=str(photos), out=str(out), workers=workers,
-                                            near_duplicates=near)  # fmt: skip
+                setting = {} if near == "default" else {"near_duplicates": near}
+                config = BuildDatasetConfig(image_dir=str(photos), out=str(out), workers=workers, **setting)
                 started = time.monotonic()
                 result = build_dataset(config)
                 seconds = time.monotonic() - started

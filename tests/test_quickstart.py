@@ -12,7 +12,7 @@ import pytest
 
 from finetune import cli
 from finetune.pretrained import PRETRAINED
-from finetune.quickstart import STAGES, STANDIN_CHECKPOINT
+from finetune.quickstart import MARKER, STAGES, STANDIN_CHECKPOINT
 from tests.conftest import closed_port_url, run_cli, spawn_cli
 
 CLASSES = ["discs", "rings", "squares", "stars", "triangles"]
@@ -144,32 +144,31 @@ def test_offline_quickstart_writes_every_artefact_it_names(offline_run):
         assert prediction["probability"] == pytest.approx(probability, abs=1e-5)
 
 
-@pytest.fixture(scope="module")
-def pretrained_runs(standin_tarball, tmp_path_factory):
-    """Two runs in one work folder: the first installs a (stand-in) pretrained tarball named with --url, the
-    second finds it verified and is pointed at a closed port, as on an offline machine."""
-    workdir = tmp_path_factory.mktemp("pretrained-quickstart")
-    first = run_cli("quickstart", "--url", str(standin_tarball), *SMALL, "--steps", "2", cwd=workdir)
-    second = run_cli("quickstart", "--url", _closed_port_url(), *SMALL, "--steps", "2", cwd=workdir)
-    return workdir, first, second
-
-
 @pytest.mark.slow
-def test_with_the_pretrained_checkpoint_nothing_is_labelled_and_a_rerun_needs_no_network(pretrained_runs):
-    workdir, first, second = pretrained_runs
-    for result in (first, second):
-        assert result.returncode == 0, result.stderr
-        assert "warning: " not in result.stderr
-        assert "not pretrained" not in result.stdout.lower()
-        (checkpoint,) = [line for line in _section(result.stdout, "artefacts:") if line.startswith("checkpoint ")]
-        assert checkpoint.split()[-1] == "checkpoints/inception_v3.ckpt"
-    assert (workdir / "checkpoints" / "inception_v3.manifest.json").exists()
-    assert not (workdir / "checkpoints" / STANDIN_CHECKPOINT).exists()
-    plan = json.loads((workdir / "runs" / "quickstart" / "config.json").read_text())
-    assert plan["checkpoint"] == str((workdir / "checkpoints" / "inception_v3.ckpt").resolve())
-    assert json.loads((workdir / "runs" / "quickstart" / "predictions.json").read_text())["pretrained"] is True
-    # The rerun replaced the photos rather than adding to them.
-    assert sum(1 for _ in (workdir / "datasets" / "quickstart-photos").rglob("*_*.*")) == 100
+def test_after_a_download_quickstart_runs_offline_on_the_checkpoint_and_labels_nothing(standin_tarball, tmp_path):
+    # `finetune download` installs a (stand-in) pretrained tarball into the work folder's checkpoints; quickstart,
+    # pointed at a closed port as on an offline machine, finds it verified and uses it. The photos an earlier run
+    # left (marked as quickstart's) are replaced, not added to.
+    from PIL import Image
+
+    earlier = tmp_path / "datasets" / "quickstart-photos"
+    (earlier / "balloons").mkdir(parents=True)
+    (earlier / MARKER).write_text("written by an earlier run\n")
+    Image.new("RGB", (90, 90), "red").save(earlier / "balloons" / "balloons_0.jpg")
+    installed = run_cli("download", "--url", str(standin_tarball), "--dest", str(tmp_path / "checkpoints"))
+    assert installed.returncode == 0, installed.stderr
+    result = run_cli("quickstart", "--url", _closed_port_url(), *SMALL, "--steps", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: " not in result.stderr
+    assert "not pretrained" not in result.stdout.lower()
+    (checkpoint,) = [line for line in _section(result.stdout, "artefacts:") if line.startswith("checkpoint ")]
+    assert checkpoint.split()[-1] == "checkpoints/inception_v3.ckpt"
+    assert not (tmp_path / "checkpoints" / STANDIN_CHECKPOINT).exists()
+    plan = json.loads((tmp_path / "runs" / "quickstart" / "config.json").read_text())
+    assert plan["checkpoint"] == str((tmp_path / "checkpoints" / "inception_v3.ckpt").resolve())
+    assert json.loads((tmp_path / "runs" / "quickstart" / "predictions.json").read_text())["pretrained"] is True
+    assert sorted(p.name for p in earlier.iterdir() if p.is_dir()) == CLASSES
+    assert sum(1 for _ in earlier.rglob("*_*.*")) == 100
 
 
 def test_a_folder_quickstart_did_not_write_is_refused_untouched(tmp_path):
