@@ -145,7 +145,7 @@ def build_cached_graph(plan: Plan, start_step: int, tables: FeatureTables) -> Tr
         with tf.device("/cpu:0"):
             features, labels, iterator, feeds = _train_rows(info, plan, tables, start_step)
         with tf.device(plan.devices[0]):
-            model.build(tf.compat.v1.placeholder(tf.float32, [1, plan.image_size, plan.image_size, 3]), classes)
+            model.create_variables(classes)  # the network's variables alone: restored, saved, never run
             first_head_op = len(graph.get_operations())
             by_name = {v.op.name: v for v in model.model_variables()}
             weights = by_name[f"{model.LOGITS_SCOPE}/Conv2d_1c_1x1/weights"]

@@ -78,6 +78,27 @@ def test_network_builds_at_the_edges_of_its_size_range(size):
         _assert_built_at(model.build(images, 5, train_scopes=model.PRESETS["logits"]), size, 2)
 
 
+def _variables_as_built(graph) -> list:
+    keys = graph.get_all_collection_keys()
+    return [(v.op.name, v.shape.as_list(), v.dtype, type(v), {k for k in keys if v in graph.get_collection(k)})
+            for v in tf.compat.v1.global_variables()]  # fmt: skip
+
+
+def test_the_variables_alone_are_the_built_network_s_at_zero():
+    # The head trained on cached features holds the network's variables without its layers: the same list
+    # (names, shapes, order, kinds, collections) an inference build makes, so its checkpoints are whole.
+    with tf.Graph().as_default() as built:
+        model.build(tf.zeros([1, 75, 75, 3]), 7)
+        expected = _variables_as_built(built)
+    with tf.Graph().as_default() as alone:
+        model.create_variables(7)
+        assert _variables_as_built(alone) == expected and len(expected) == 378
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            values = session.run(tf.compat.v1.global_variables())
+    assert all(not value.any() for value in values)
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
