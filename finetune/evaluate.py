@@ -294,7 +294,7 @@ def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str
     checkpoint = model.open_checkpoint(checkpoint_path)
 
     def build(images):
-        net = model.build(images, num_classes, compute_dtype=compute_dtype)
+        net = model.build(images, num_classes, compute_dtype=compute_dtype, restored=True)
         if heat_maps:
             from finetune.gradcam import HEAT_MAPS, heat_map_tensor
 

@@ -93,7 +93,7 @@ def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = 
     images = tf.compat.v1.placeholder_with_default(decoded, [None, image_size, image_size, 3], name=INPUT)
     views = 2 if tta == "flip" else 1
     both = tf.concat([images, tf.reverse(images, axis=[2])], 0, name="tta_flip") if views == 2 else images
-    net = model.build(both, num_classes, compute_dtype=compute_dtype)
+    net = model.build(both, num_classes, compute_dtype=compute_dtype, restored=True)
     scores = net.probabilities if temperature is None else tf.nn.softmax(net.logits / temperature)
 
     def per_image(values):  # [views * N, C] -> the mean over the views, [N, C]

@@ -235,7 +235,7 @@ def extract(
             images = images.batch(EXTRACTION_BATCH).prefetch(2).with_options(pipeline_options())
             batch = tf.compat.v1.data.make_one_shot_iterator(images).get_next()
             with tf.device(device):
-                net = model.build(batch, 2, compute_dtype=compute_dtype)
+                net = model.build(batch, 2, compute_dtype=compute_dtype, restored=True)
             restore = model.variables_to_restore(model.HEAD_SCOPES)
             with tf.compat.v1.Session(graph=graph, config=session_config) as session:
                 model.restore(session, restore, checkpoint)

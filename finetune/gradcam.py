@@ -111,7 +111,7 @@ def from_checkpoint(checkpoint_path: str, classes: list[str], image_size: int, c
     graph = tf.Graph()
     with graph.as_default():
         images = tf.compat.v1.placeholder(tf.float32, [None, image_size, image_size, 3], name="images")
-        net = model.build(images, len(classes), compute_dtype=compute_dtype)
+        net = model.build(images, len(classes), compute_dtype=compute_dtype, restored=True)
         variables = model.model_variables()
         model.check_restorable(variables, checkpoint, flag="--checkpoint")
         saver = tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint))

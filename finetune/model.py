@@ -149,6 +149,7 @@ def build(
     aux_logits: bool = True,
     reuse: bool | None = None,
     compute_dtype: str = "float32",
+    restored: bool = False,
 ) -> Network:
     """Builds slim's InceptionV3 on ``images`` ([batch, S, S, 3] in [-1, 1]) in the current graph.
 
@@ -164,6 +165,8 @@ def build(
             weight are cast to it where they are read, while variables stay float32 and logits, aux logits,
             features and probabilities come out float32 (see finetune/precision.py); ``end_points`` stay in
             the compute type.
+        restored: every variable that is read will be loaded from a checkpoint first (evaluate, export,
+            feature extraction, Grad-CAM): see _restored_variables.
     """
     size = _checked_size(images, num_classes)
     train_scopes = tuple(train_scopes)
@@ -189,7 +192,7 @@ def build(
     dtype = tf.as_dtype(compute_dtype)
     with slim.arg_scope(arg_scope), slim.arg_scope([slim.conv2d], normalizer_fn=batch_norm), slim.arg_scope(
         [slim.avg_pool2d], outputs_collections=_POOL_OUTPUTS
-    ), _float32_variables(dtype):
+    ), _float32_variables(dtype), _restored_variables() if restored else contextlib.nullcontext():
         logits, end_points = inception.inception_v3(
             tf.cast(images, dtype) if images.dtype != dtype else images,
             num_classes=num_classes,
@@ -236,6 +239,26 @@ def _network(logits: tf.Tensor, end_points: dict, final_pool: tf.Tensor, dtype: 
         aux_logits=None if aux is None else tf.cast(aux, tf.float32, name="AuxLogits_float32"),
         end_points=end_points,
     )
+
+
+def _restored_variables():
+    """A variable scope whose new variables start from a placeholder instead of slim's initialisers, for a
+    graph that restores every variable before reading it.
+
+    slim's initialisers (random draws for the weights, constants for batch norm) are ops built for every
+    variable and never run when a checkpoint fills it: about a fifth of an inference build (measured: 1.5 s
+    -> 1.2 s at 75 px). A placeholder is one op, and a variable that somehow escaped the restore fails loudly
+    ("You must feed a value for placeholder") instead of handing out random weights.
+    """
+
+    def from_checkpoint(shape, dtype=tf.float32, partition_info=None):
+        return tf.compat.v1.placeholder(dtype, shape, name="restored_from_checkpoint")
+
+    def getter(next_getter, name, *args, **kwargs):
+        return next_getter(name, *args, **{**kwargs, "initializer": from_checkpoint})
+
+    scope = tf.compat.v1.get_variable_scope()
+    return tf.compat.v1.variable_scope(scope, custom_getter=getter, auxiliary_name_scope=False)
 
 
 def _float32_variables(dtype: tf.DType):

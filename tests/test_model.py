@@ -99,6 +99,18 @@ def test_the_variables_alone_are_the_built_network_s_at_zero():
     assert all(not value.any() for value in values)
 
 
+def test_a_build_for_restoring_cannot_hand_out_initial_values_by_mistake(standin_checkpoint):
+    # evaluate, export and feature extraction build the network to restore it: a variable they forgot to
+    # restore must fail loudly, never compute with random weights.
+    with tf.Graph().as_default():
+        net = model.build(tf.zeros([1, 75, 75, 3]), 1001, restored=True)
+        with tf.compat.v1.Session() as session:
+            with pytest.raises(tf.errors.InvalidArgumentError, match="restored_from_checkpoint"):
+                session.run(tf.compat.v1.global_variables_initializer())
+            model.restore(session, model.model_variables(), model.open_checkpoint(standin_checkpoint))
+            assert np.isfinite(session.run(net.logits)).all()
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
