@@ -257,8 +257,7 @@ def _restored_variables():
     def getter(next_getter, name, *args, **kwargs):
         return next_getter(name, *args, **{**kwargs, "initializer": from_checkpoint})
 
-    scope = tf.compat.v1.get_variable_scope()
-    return tf.compat.v1.variable_scope(scope, custom_getter=getter, auxiliary_name_scope=False)
+    return _getter_scope(getter)
 
 
 def _float32_variables(dtype: tf.DType):
@@ -266,8 +265,7 @@ def _float32_variables(dtype: tf.DType):
 
     slim asks for conv weights and biases in the input's type; they are created (and saved, restored and
     updated) as float32 and cast where they are read, so only the compute is 16-bit. Batch norm's variables
-    are asked for as float32 by slim itself and pass through unchanged. Re-entering the current scope
-    without a name scope leaves op names (``tower_0/...``) and reuse as they were.
+    are asked for as float32 by slim itself and pass through unchanged.
     """
     if dtype == tf.float32:
         return contextlib.nullcontext()
@@ -279,8 +277,14 @@ def _float32_variables(dtype: tf.DType):
         variable = next_getter(name, *args, **{**kwargs, "dtype": tf.float32})
         return tf.cast(variable, wanted.base_dtype)
 
-    scope = tf.compat.v1.get_variable_scope()
-    return tf.compat.v1.variable_scope(scope, custom_getter=getter, auxiliary_name_scope=False)
+    return _getter_scope(getter)
+
+
+def _getter_scope(getter):
+    """The current variable scope again, with ``getter`` added to its custom getters; no new name scope, so
+    op names (``tower_0/...``) and reuse stay as they were."""
+    return tf.compat.v1.variable_scope(tf.compat.v1.get_variable_scope(), custom_getter=getter,
+                                       auxiliary_name_scope=False)  # fmt: skip
 
 
 # The convolutions of an inference copy (no aux head), in build order: see create_variables.
@@ -294,7 +298,7 @@ def create_variables(num_classes: int) -> None:
 
     For a graph that holds the network only to restore it and save it whole, where every value comes from a
     checkpoint or is set on purpose: the head trained on cached features. Building the layers there took
-    about 1.6 of a cached run's first 3 seconds at 75 px. The layers' shapes are in
+    1.4 s at 75 px, these variables alone 0.7 s (scripts/bench_graph_build.py). The layers' shapes are in
     inception_v3_layers.json (written from a build; tests/test_model.py checks the two agree).
     """
     import json
