@@ -37,12 +37,39 @@ def _restore_logging():
     logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder that ``make(folder)`` fills once for the whole test session, and its path.
+
+    pytest-xdist runs a session fixture in every worker; for the costly ones (a stand-in checkpoint is 11 s,
+    a trained run 12 s) the first worker to ask makes the folder under a lock, in the session's folder that
+    all workers share, and the others wait for it and reuse it. What is made there is read, never written:
+    a fixture that hands out something a test may write gives each worker its own copy. A run without
+    xdist makes it in its own temporary folder."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder: the workers' folders are inside it
+    folder = base / f"shared-{name}"
+    with open(base / f"shared-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a worker dies
+        if not (folder / ".made").exists():  # a worker that failed half-way left no mark: start again
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def standin_checkpoint(tmp_path_factory) -> Path:
     """The published checkpoint's stand-in: 1001 classes, real names and shapes, random values, V1 file."""
     from finetune.synthetic import write_standin_checkpoint
 
-    return write_standin_checkpoint(tmp_path_factory.mktemp("pretrained") / "inception_v3.ckpt", seed=1)
+    folder = made_once(tmp_path_factory, "pretrained",
+                       lambda folder: write_standin_checkpoint(folder / "inception_v3.ckpt", seed=1))  # fmt: skip
+    return folder / "inception_v3.ckpt"
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +80,14 @@ def standin_tarball(standin_checkpoint, tmp_path_factory) -> Path:
     from finetune.pretrained import PRETRAINED
 
     model = PRETRAINED["inception_v3"]
-    path = tmp_path_factory.mktemp("published") / model.tarball
-    with tarfile.open(path, "w:gz", compresslevel=1) as archive:  # random weights do not compress anyway
-        archive.add(standin_checkpoint, arcname=model.member)
-    return path
+
+    def make(folder: Path) -> None:
+        # Stored, not compressed: still a gzip stream, and random weights would not shrink anyway (level 1
+        # took 4.5 s for nothing).
+        with tarfile.open(folder / model.tarball, "w:gz", compresslevel=0) as archive:
+            archive.add(standin_checkpoint, arcname=model.member)
+
+    return made_once(tmp_path_factory, "published", make) / model.tarball
 
 
 @pytest.fixture(scope="session")
@@ -309,37 +340,48 @@ def read_records(dataset_dir: Path) -> dict[str, list[dict]]:
     return records
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, standin_checkpoint):
-    """A small finished run: 6 generated classes (JPEG only), 75-pixel images, 40 head steps."""
-    from types import SimpleNamespace
-
+def _make_trained_run(root: Path, checkpoint: Path) -> None:
     from finetune.config import TrainConfig
     from finetune.synthetic import make_image_folder
     from finetune.train import train
 
-    root = tmp_path_factory.mktemp("trained")
     photos = root / "photos"
     make_image_folder(photos, num_classes=6, images_per_class=12, seed=11, min_side=80, max_side=140,
                       png_fraction=0.0)  # fmt: skip
     built = run_cli("build-dataset", str(photos), "--out", str(root / "dataset"),
                     "--validation-fraction", "0.25", "--workers", "1")  # fmt: skip
     assert built.returncode == 0, built.stderr
-    result = train(TrainConfig(dataset=str(root / "dataset"), train_dir=str(root / "run"),
-                               checkpoint=str(standin_checkpoint), image_size=75, batch_size=8, steps=40,
-                               eval_every=0))  # fmt: skip
-    return SimpleNamespace(root=root, photos=photos, dataset=root / "dataset", train_dir=root / "run",
-                           checkpoint=result.checkpoint, image_size=75)  # fmt: skip
+    train(TrainConfig(dataset=str(root / "dataset"), train_dir=str(root / "run"), checkpoint=str(checkpoint),
+                      image_size=75, batch_size=8, steps=40, eval_every=0))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, standin_checkpoint):
+    """A small finished run: 6 generated classes (JPEG only), 75-pixel images, 40 head steps. Trained once
+    per session; each worker gets its own copy of the train dir (evaluate writes its reports there), while
+    the photos and the dataset are shared and only read."""
+    import shutil
+    from types import SimpleNamespace
+
+    from finetune.rundir import newest_checkpoint
+
+    root = made_once(tmp_path_factory, "trained", lambda folder: _make_trained_run(folder, standin_checkpoint))
+    train_dir = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(root / "run", train_dir)
+    return SimpleNamespace(root=root, photos=root / "photos", dataset=root / "dataset", train_dir=train_dir,
+                           checkpoint=newest_checkpoint(train_dir), image_size=75)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def exported_model(trained_run, tmp_path_factory) -> Path:
     """`finetune export` of the trained run, by default flags: model.pb beside model.json and model.labels.txt.
-    Shared: tests read it or copy it, never write beside it."""
-    out = tmp_path_factory.mktemp("exported") / "model.pb"
-    result = run_cli("export", "--train-dir", str(trained_run.train_dir), "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    return out
+    Shared by every worker: tests read it or copy it, never write beside it."""
+
+    def make(folder: Path) -> None:
+        result = run_cli("export", "--train-dir", str(trained_run.root / "run"), "--out", str(folder / "model.pb"))
+        assert result.returncode == 0, result.stderr
+
+    return made_once(tmp_path_factory, "exported", make) / "model.pb"
 
 
 @pytest.fixture(scope="session")
