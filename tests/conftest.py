@@ -385,18 +385,26 @@ def exported_model(trained_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run_validation(trained_run):
+def trained_run_validation(trained_run, tmp_path_factory):
     """trained_run's validation split (pixels, labels, paths) and its checkpoint's float32 probabilities on
-    it: the reference that export's graphs and --precision bf16 are compared with, computed once."""
+    it: the reference that export's graphs and --precision bf16 are compared with, computed once per session."""
     from types import SimpleNamespace
 
-    from finetune import model
-    from finetune.compat import tf
+    import numpy as np
 
-    images, labels, paths = validation_examples(trained_run)
-    with tf.Graph().as_default():
-        net = model.build(tf.constant(images), 6)
-        with tf.compat.v1.Session() as session:
-            tf.compat.v1.train.Saver(model.model_variables()).restore(session, trained_run.checkpoint)
-            probabilities = session.run(net.probabilities)
-    return SimpleNamespace(images=images, labels=labels, paths=paths, probabilities=probabilities)
+    def make(folder: Path) -> None:
+        from finetune import model
+        from finetune.compat import tf
+
+        images, labels, paths = validation_examples(trained_run)
+        with tf.Graph().as_default():
+            net = model.build(tf.constant(images), 6)
+            with tf.compat.v1.Session() as session:
+                tf.compat.v1.train.Saver(model.model_variables()).restore(session, trained_run.checkpoint)
+                probabilities = session.run(net.probabilities)
+        np.savez(folder / "validation.npz", images=images, labels=labels, paths=np.array(paths),
+                 probabilities=probabilities)  # fmt: skip
+
+    with np.load(made_once(tmp_path_factory, "validation", make) / "validation.npz") as saved:
+        return SimpleNamespace(images=saved["images"], labels=saved["labels"], paths=saved["paths"].tolist(),
+                               probabilities=saved["probabilities"])  # fmt: skip
