@@ -55,10 +55,14 @@ def _changed(before: dict, after: dict) -> set:
 
 @pytest.fixture(scope="module")
 def head_run(dataset, standin_checkpoint, tmp_path_factory):
-    """A head-only run with the defaults (cached features), 40 steps saved at 20 and 40: asserted on by the
-    head test, built on by the two-phase recipe, and copied by the refused-train-dir test."""
+    """A head-only run with the defaults (cached features), 40 steps saved and validated at 20 and 40, with
+    class weights: asserted on by the head test and the run-records test, built on by the two-phase recipe,
+    and copied by the refused-train-dir test. (The classes are nearly balanced, so the weights are all about
+    1 and the head learns as it would without them.)"""
     train_dir = tmp_path_factory.mktemp("head") / "run"
-    return train(_config(dataset, train_dir, standin_checkpoint, steps=40, save_every=20)), train_dir
+    config = _config(dataset, train_dir, standin_checkpoint, steps=40, save_every=20, eval_every=20,
+                     class_weights="auto")  # fmt: skip
+    return train(config), train_dir
 
 
 @pytest.mark.slow
@@ -277,21 +281,20 @@ def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, head_run, tmp_p
 
 
 @pytest.mark.slow
-def test_run_records_config_and_tensorboard_scalars(dataset, standin_checkpoint, tmp_path):
-    result = train(_config(dataset, tmp_path / "run", standin_checkpoint, steps=10, eval_every=5,
-                           class_weights="auto"))  # fmt: skip
-    plan = json.loads((tmp_path / "run" / "config.json").read_text())
+def test_run_records_config_and_tensorboard_scalars(head_run, standin_checkpoint):
+    result, train_dir = head_run  # validated every 20 of its 40 steps, with --class-weights auto
+    plan = json.loads((train_dir / "config.json").read_text())
     assert plan["dataset_fingerprint"] and plan["classes"] == ["discs", "squares", "triangles"]
     assert plan["checkpoint"] == str(standin_checkpoint.resolve())
     assert plan["exclude_scopes"] == list(model.HEAD_SCOPES) and plan["augment"] is False
     assert plan["class_weights"] and len(plan["class_weights"]) == 3
     tags = {}
-    for events in (tmp_path / "run").glob("events.out.tfevents.*"):
+    for events in train_dir.glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(events)):
             for value in event.summary.value:
                 tags.setdefault(value.tag, []).append(event.step)
     assert {"loss", "accuracy", "learning_rate", "validation_accuracy"} <= tags.keys()
-    assert tags["validation_accuracy"] == [5, 10]
+    assert tags["validation_accuracy"] == [20, 40]
     assert 0 <= result.validation_accuracy <= 1
 
 
