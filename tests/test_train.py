@@ -83,12 +83,20 @@ def test_training_logits_changes_only_the_head_and_learns(head_run, checkpoint_v
     assert result.train_accuracy > 0.8  # chance is 1/3
 
 
+@pytest.fixture(scope="module")
+def mixed_7_run(dataset, head_run, tmp_path_factory):
+    """The two-phase recipe's second phase: mixed_7 (and both heads) trained for 2 steps through the network,
+    starting from the head run's train dir. Asserted on by the mixed_7 test and the two-phase test."""
+    train_dir = tmp_path_factory.mktemp("deeper") / "run"
+    return train(_config(dataset, train_dir, head_run[1], trainable="mixed_7", steps=2, augment=False)), train_dir
+
+
 @pytest.mark.slow
-def test_training_mixed_7_also_changes_those_blocks_and_nothing_below(
-    dataset, standin_checkpoint, checkpoint_values, tmp_path
-):
-    result = train(_config(dataset, tmp_path / "run", standin_checkpoint, trainable="mixed_7", steps=6,
-                           augment=False))  # fmt: skip
+def test_training_mixed_7_also_changes_those_blocks_and_nothing_below(mixed_7_run, checkpoint_values):
+    # The run starts from the head run, whose layers outside the head are the stand-in checkpoint's, bit for
+    # bit (the head test asserts it): everything outside the trained scopes must still be exactly those.
+    # Its Logits layer is already trained, so the blocks get a gradient from the first step.
+    result, _ = mixed_7_run
     final = _variables(result.checkpoint)
     scopes = model.PRESETS["mixed_7"]
     for name in final:
@@ -257,11 +265,10 @@ def test_a_train_dir_for_another_dataset_is_refused_unless_overwrite(dataset, he
 
 
 @pytest.mark.slow
-def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, head_run, tmp_path):
+def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, head_run, mixed_7_run, tmp_path):
     head, head_dir = head_run
-    deeper = train(_config(dataset, tmp_path / "deeper", head_dir, trainable="mixed_7", steps=2,
-                           augment=False))  # fmt: skip
-    plan = json.loads((tmp_path / "deeper" / "config.json").read_text())
+    deeper, deeper_dir = mixed_7_run
+    plan = json.loads((deeper_dir / "config.json").read_text())
     # The head trained on cached features (the default for logits), which leaves no aux head: that part
     # starts fresh, the Logits layer comes from the first run.
     assert plan["exclude_scopes"] == ["InceptionV3/AuxLogits"]
