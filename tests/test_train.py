@@ -91,6 +91,19 @@ def mixed_7_run(dataset, head_run, tmp_path_factory):
     return train(_config(dataset, train_dir, head_run[1], trainable="mixed_7", steps=2, augment=False)), train_dir
 
 
+def test_the_graph_is_saved_with_the_last_checkpoint_only_and_imports(head_run):
+    result, train_dir = head_run
+    assert not (train_dir / "model.ckpt-20.meta").exists()  # a periodic save: the weights alone
+    assert result.checkpoint.endswith("model.ckpt-40")
+    with tf.Graph().as_default():
+        saver = tf.compat.v1.train.import_meta_graph(f"{result.checkpoint}.meta")
+        with tf.compat.v1.Session() as session:
+            saver.restore(session, result.checkpoint)
+            name = "InceptionV3/Logits/Conv2d_1c_1x1/weights"
+            (head,) = [v for v in tf.compat.v1.global_variables() if v.op.name == name]
+            np.testing.assert_array_equal(session.run(head), _variables(result.checkpoint)[name])
+
+
 @pytest.mark.slow
 def test_training_mixed_7_also_changes_those_blocks_and_nothing_below(mixed_7_run, checkpoint_values):
     # The run starts from the head run, whose layers outside the head are the stand-in checkpoint's, bit for
@@ -169,6 +182,7 @@ def test_a_run_stopped_by_sigint_then_sigkill_resumes_to_the_same_variables(
     assert stdout.startswith("interrupted:")
     interrupted_at = tf.train.latest_checkpoint(str(stopped))
     assert interrupted_at and _step(interrupted_at) < 14
+    assert Path(f"{interrupted_at}.meta").exists()  # a stopped run's last checkpoint has its graph too
 
     # Resumed, it must write a checkpoint of its own (the next even step after the interrupted one) before
     # it is killed.
