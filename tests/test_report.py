@@ -52,10 +52,21 @@ def odd_report(tmp_path_factory, standin_checkpoint):
     return SimpleNamespace(root=root, run=root / "run", html=Path(evaluation["html"]), evaluation=evaluation)
 
 
-def test_report_opens_in_chromium_without_errors_and_its_dom_adds_up(odd_report, tmp_path):
+@pytest.fixture(scope="module")
+def rendered(odd_report, tmp_path_factory):
+    """The report opened once in headless Chromium for the tests that read it: the DOM it dumps after the
+    page's script ran, with what it logged, and a 1280x1600 screenshot of the same load."""
+    folder = tmp_path_factory.mktemp("chromium")
+    shot = folder / "report.png"
+    run = _chromium("--hide-scrollbars", "--window-size=1280,1600", f"--screenshot={shot}", "--dump-dom",
+                    page=odd_report.html, tmp_path=folder)  # fmt: skip
+    return SimpleNamespace(run=run, screenshot=shot)
+
+
+def test_report_opens_in_chromium_without_errors_and_its_dom_adds_up(odd_report, rendered):
     evaluation = odd_report.evaluation
     assert odd_report.html == odd_report.run / "eval-validation.html"
-    dumped = _chromium("--dump-dom", page=odd_report.html, tmp_path=tmp_path)
+    dumped = rendered.run
     assert dumped.returncode == 0, dumped.stderr
     console = [line for line in dumped.stderr.splitlines() if ":CONSOLE" in line]
     assert console == []  # no script errors, no refused loads (the page's CSP forbids any)
@@ -88,8 +99,9 @@ def test_report_opens_in_chromium_without_errors_and_its_dom_adds_up(odd_report,
     assert "https://" not in text
 
 
-def test_odd_names_appear_as_text_never_as_markup(odd_report, tmp_path):
-    dumped = _chromium("--dump-dom", page=odd_report.html, tmp_path=tmp_path)
+def test_odd_names_appear_as_text_never_as_markup(odd_report, rendered):
+    dumped = rendered.run
+    assert dumped.returncode == 0, dumped.stderr
     dom = _Dom()
     dom.feed(dumped.stdout)
     # The class name stays text: no element was made from it, and it reads back whole.
@@ -156,12 +168,10 @@ def test_the_report_is_written_atomically(odd_report, standin_checkpoint):
     assert not [p for p in odd_report.run.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_screenshot_is_not_blank(odd_report, tmp_path):
-    shot = tmp_path / "report.png"
-    taken = _chromium("--hide-scrollbars", "--window-size=1280,1600", f"--screenshot={shot}",
-                      page=odd_report.html, tmp_path=tmp_path)  # fmt: skip
+def test_screenshot_is_not_blank(rendered):
+    taken = rendered.run
     assert taken.returncode == 0, taken.stderr
-    picture = Image.open(shot).convert("RGB")
+    picture = Image.open(rendered.screenshot).convert("RGB")
     assert picture.size == (1280, 1600)
     stats = ImageStat.Stat(picture)
     assert max(stats.stddev) > 20  # text, the matrix and pictures, not one flat colour
