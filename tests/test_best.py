@@ -118,7 +118,11 @@ def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_
     assert json.loads((out / "model.json").read_text())["temperature"] == temperature
     graph_def = tf.compat.v1.GraphDef.FromString((out / "model.pb").read_bytes())
     images = np.random.default_rng(0).uniform(-1, 1, (4, 75, 75, 3)).astype(np.float32)
-    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+    # The graph run as it is: Grappler's rewrites of a frozen InceptionV3 cost more than the run (about 1.5 s
+    # of 1.9 s) and change its outputs by float rounding alone; both outputs below come from this one run.
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph, config=config) as session:
         tf.compat.v1.import_graph_def(graph_def, name="")
         probabilities, logits = session.run(["probabilities:0", "logits:0"], {"input:0": images})
     assert np.allclose(probabilities, softmax(logits, temperature), atol=1e-5)
