@@ -4,8 +4,8 @@ A train dir holds what ``finetune train`` writes::
 
     config.json                 the run's resolved settings (the train Plan), with a format version
     checkpoint                  TensorFlow's list of the checkpoints kept, newest last
-    model.ckpt-<step>[.meta]    checkpoints, named by the global step they hold; the last one also has
-                                its graph (.meta)
+    model.ckpt-<step>[.meta]    checkpoints, named by the global step they hold; the one a run ends
+                                on also has its graph (.meta)
     events.out.tfevents.*       TensorBoard events
     best/                       the best validation pass's checkpoint and best.json (see below)
     calibration.json/.png       the temperature fitted on the validation split, its reliability diagram

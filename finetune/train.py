@@ -274,10 +274,7 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
         last_save_step, last_save_time = start_step, time.monotonic()
         keep_best = _KeepBest(plan, train_dir, start_step, resume_from, built.saver) if plan.select_by else None
 
-        def save(final: bool = False) -> None:
-            # The graph (model.ckpt-<step>.meta) goes with the run's last checkpoint alone: it is the same
-            # graph for every checkpoint of a run, and exporting it took as long as writing the weights of a
-            # head-only run (0.25 s a save at 75 px). TensorBoard has it from the events file anyway.
+        def save() -> None:
             nonlocal last_save_step, last_save_time
             if not chief:
                 last_save_step, last_save_time = outcome.step, time.monotonic()
@@ -285,7 +282,7 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
             prefix = rundir.checkpoint_prefix(train_dir)
             with rundir.partial_checkpoint_removed(train_dir, outcome.step):  # a full disk, say
                 outcome.checkpoint = built.saver.save(session, prefix, global_step=outcome.step,
-                                                      write_meta_graph=final)  # fmt: skip
+                                                      write_meta_graph=False)  # fmt: skip
             last_save_step, last_save_time = outcome.step, time.monotonic()
 
         with _StopRequest() as stop, Progress("train", plan.total_steps, unit="steps", start=start_step,
@@ -323,11 +320,14 @@ def _run(plan: Plan, built: TrainingGraph, train_dir: Path, start_step: int, res
                                  f"improvement since step {keep_best.best.step}")  # fmt: skip
                         break
                 if step % plan.save_every == 0 or (time.monotonic() - last_save_time) / 60 >= plan.save_minutes:
-                    save(final=step == plan.total_steps)
+                    save()
         if outcome.step != last_save_step or outcome.checkpoint is None:
-            save(final=True)
-        elif chief and not Path(f"{outcome.checkpoint}.meta").exists():  # stopped just after a periodic save
-            built.saver.export_meta_graph(f"{outcome.checkpoint}.meta")
+            save()
+        if chief:
+            # The graph (model.ckpt-<step>.meta) goes with the checkpoint the run ends on alone: it is the same
+            # graph for every checkpoint of a run, and exporting it took as long as writing the weights of a
+            # head-only run (0.25 s a save at 75 px). TensorBoard has it from the events file anyway.
+            built.saver.export_meta_graph(f"{outcome.checkpoint}.meta")  # written whole, then renamed
         if cluster:  # equal on every worker: the tests compare them
             log.info(f"final weights sha256 {cluster_mod.variables_digest(session, tf.compat.v1.global_variables())}")
         if plan.eval_every and built.validation_logits and outcome.status in ("completed", "stopped early"):
