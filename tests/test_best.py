@@ -17,6 +17,7 @@ from finetune.errors import FinetuneError
 from finetune.evaluate import evaluate
 from finetune.export import export
 from finetune.train import train
+from tests.conftest import run_frozen_graph
 
 STEPS, EVAL_EVERY, PATIENCE = 30, 2, 2
 
@@ -100,7 +101,6 @@ def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_
     import numpy as np
 
     from finetune.calibration import softmax
-    from finetune.compat import tf
 
     train_dir, result, best = full_run
     temperature = result.calibration["temperature"]
@@ -116,15 +116,8 @@ def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_
     exported, out = exported
     assert exported.temperature == temperature
     assert json.loads((out / "model.json").read_text())["temperature"] == temperature
-    graph_def = tf.compat.v1.GraphDef.FromString((out / "model.pb").read_bytes())
     images = np.random.default_rng(0).uniform(-1, 1, (4, 75, 75, 3)).astype(np.float32)
-    # The graph run as it is: Grappler's rewrites of a frozen InceptionV3 cost more than the run (about 1.5 s
-    # of 1.9 s) and change its outputs by float rounding alone; both outputs below come from this one run.
-    config = tf.compat.v1.ConfigProto()
-    config.graph_options.rewrite_options.disable_meta_optimizer = True
-    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph, config=config) as session:
-        tf.compat.v1.import_graph_def(graph_def, name="")
-        probabilities, logits = session.run(["probabilities:0", "logits:0"], {"input:0": images})
+    probabilities, logits = run_frozen_graph(out / "model.pb", images)  # both from one run
     assert np.allclose(probabilities, softmax(logits, temperature), atol=1e-5)
     assert np.array_equal(probabilities.argmax(1), logits.argmax(1))
     plain = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "plain.pb"), calibrate=False))

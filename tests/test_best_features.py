@@ -15,6 +15,7 @@ import pytest
 from finetune import cli
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
+from tests.conftest import run_frozen_graph
 
 CLASS_SIZES = (24, 8, 4)  # images per class before the split: 6:1
 
@@ -248,20 +249,6 @@ def test_ema_outside_zero_to_one_is_refused(capsys):
 # ------------------------------------------------------------------------------------- test-time augmentation
 
 
-def _run_pb(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The .pb's probabilities and logits for preprocessed images: its graph imported and run as it is.
-    Grappler's rewrites are off: on a frozen InceptionV3 they cost more than the run (about 1.5 s of 1.9 s
-    on a few images) and change its outputs by float rounding alone, the same way for every .pb run here."""
-    from finetune.compat import tf
-
-    graph_def = tf.compat.v1.GraphDef.FromString(path.read_bytes())
-    config = tf.compat.v1.ConfigProto()
-    config.graph_options.rewrite_options.disable_meta_optimizer = True
-    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph, config=config) as session:
-        tf.compat.v1.import_graph_def(graph_def, name="")
-        return tuple(session.run(["probabilities:0", "logits:0"], {"input:0": images}))
-
-
 @pytest.mark.slow
 def test_tta_flip_averages_the_image_and_its_mirror_in_export_and_evaluate(ema_run, plain_export, tmp_path,
                                                                            capsys):  # fmt: skip
@@ -286,10 +273,10 @@ def test_tta_flip_averages_the_image_and_its_mirror_in_export_and_evaluate(ema_r
         batch = session.run(tf.compat.v1.data.make_one_shot_iterator(batches).get_next())
     images, labels = batch["image"], batch["label"]
     # The plain graph run once on the images and their mirrors together: one import instead of three.
-    both = _run_pb(plain_pb, np.concatenate([images, images[:, :, ::-1, :]]))[0]
+    both = run_frozen_graph(plain_pb, np.concatenate([images, images[:, :, ::-1, :]]))[0]
     plain, mirrored = both[: len(images)], both[len(images):]
     by_hand = (plain + mirrored) / 2
-    assert np.allclose(_run_pb(flip_pb, images)[0], by_hand, atol=1e-6)
+    assert np.allclose(run_frozen_graph(flip_pb, images)[0], by_hand, atol=1e-6)
     for kind in ("tflite", "onnx"):  # converted from the `input` path, after which the flip sits
         runner = open_runner(flip.files[kind])
         try:

@@ -26,6 +26,7 @@ from finetune import cli
 from finetune.compat import tf
 from finetune.config import TrainConfig
 from finetune.train import train
+from tests.conftest import checkpoint_tensors
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "local_cluster.py"
 TIMEOUT = 600  # bounds every worker process of a test: a hang fails the test rather than the suite
@@ -88,11 +89,6 @@ class Workers:
         return Path(self.logs[index].name).read_text()
 
 
-def _variables(prefix: str) -> dict:
-    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
-
-
 def _final_digest(output: str) -> str:
     found = re.findall(r"final weights sha256 ([0-9a-f]{64})", output)
     assert len(found) == 1, output
@@ -113,7 +109,7 @@ def one_process(dataset, standin_checkpoint, tmp_path_factory) -> dict:
                          checkpoint=str(standin_checkpoint), image_size=75, batch_size=8, device="cpu:2",
                          optimizer="sgd", dropout_keep=1.0, augment=False, trainable="Mixed_7c,Logits",
                          feature_cache="off", eval_every=0, steps=5)  # fmt: skip
-    return _variables(train(config).checkpoint)
+    return checkpoint_tensors(train(config).checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +126,7 @@ def test_two_workers_end_equal_to_each_other_and_to_one_process(two_workers, one
     assert _final_digest(workers.output(0)) == _final_digest(workers.output(1))
     assert "checkpoint: None" in workers.output(1)  # the chief alone writes
     assert "per worker x 2 workers, 5 in all" in workers.output(0)
-    distributed = _variables(tf.train.latest_checkpoint(str(train_dir)))
+    distributed = checkpoint_tensors(tf.train.latest_checkpoint(str(train_dir)))
     assert int(distributed["global_step"]) == 5
     head = "InceptionV3/Logits/Conv2d_1c_1x1/weights"
     assert np.abs(distributed[head]).max() > 0
@@ -153,7 +149,7 @@ def test_a_killed_worker_stops_the_other_and_a_restart_resumes(local_cluster, da
     errors = [line for line in workers.output(0).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "worker task 1 (127.0.0.1:" in errors[0], workers.output(0)
     saved = tf.train.latest_checkpoint(str(train_dir))
-    step = int(_variables(saved)["global_step"])
+    step = int(checkpoint_tensors(saved)["global_step"])
     assert 2 <= step < 5
 
     again = Workers(local_cluster, [command] * 2, tmp_path / "again")
@@ -161,8 +157,8 @@ def test_a_killed_worker_stops_the_other_and_a_restart_resumes(local_cluster, da
     assert f"resuming from {saved}" in again.output(0)
     assert _final_digest(again.output(0)) == _final_digest(again.output(1))
     _, _, straight_dir = two_workers
-    _assert_close(_variables(tf.train.latest_checkpoint(str(train_dir))),
-                  _variables(tf.train.latest_checkpoint(str(straight_dir))))  # fmt: skip
+    _assert_close(checkpoint_tensors(tf.train.latest_checkpoint(str(train_dir))),
+                  checkpoint_tensors(tf.train.latest_checkpoint(str(straight_dir))))  # fmt: skip
 
 
 @pytest.mark.slow
@@ -231,4 +227,4 @@ def test_head_only_extracts_each_image_once_across_workers_and_the_chief_trains(
     assert sum(computed.values()) == 36  # 27 train + 9 validation images, each once in all
     assert "[worker 1] feature share extracted" in result.stdout
     assert "[worker 0] completed" in result.stdout
-    assert int(_variables(tf.train.latest_checkpoint(str(tmp_path / "run")))["global_step"]) == 5
+    assert int(checkpoint_tensors(tf.train.latest_checkpoint(str(tmp_path / "run")))["global_step"]) == 5

@@ -13,7 +13,7 @@ from finetune import lr_search, schedule
 from finetune.config import BuildDatasetConfig, TrainConfig
 from finetune.dataset import build_dataset
 from finetune.train import train
-from tests.conftest import read_records
+from tests.conftest import checkpoint_tensors, read_records
 
 
 @pytest.fixture(scope="module")
@@ -144,20 +144,12 @@ def test_a_resumed_cached_run_keeps_the_searched_rate_and_ends_where_a_straight_
     run = learnable / "straight"
     tf.compat.v1.train.update_checkpoint_state(str(run), str(run / "model.ckpt-20"),
                                                [str(run / "model.ckpt-20")])  # fmt: skip
-    # Every variable read through one reader per checkpoint (tf.train.load_variable opens one per variable).
-    final = _every_variable(straight.checkpoint)
+    final = checkpoint_tensors(straight.checkpoint)
     caplog.set_level("INFO", logger="finetune")
     resumed, again = _train(learnable, standin_checkpoint, "straight", **common)
     assert resumed.start_step == 20 and resumed.global_step == 40
     assert "as the search chose when this run started" in caplog.text
     assert again["learning_rate"] == config["learning_rate"] and again["lr_search_result"] == config["lr_search_result"]
-    ended = _every_variable(resumed.checkpoint)
+    ended = checkpoint_tensors(resumed.checkpoint)
     for name, value in final.items():
         np.testing.assert_allclose(ended[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
-
-
-def _every_variable(checkpoint: str) -> dict[str, np.ndarray]:
-    from finetune.compat import tf
-
-    reader = tf.compat.v1.train.NewCheckpointReader(checkpoint)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}

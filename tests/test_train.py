@@ -18,7 +18,7 @@ from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
 from finetune.plan import auto_class_weights, imbalance_warning
 from finetune.train import train
-from tests.conftest import run_cli
+from tests.conftest import checkpoint_tensors, run_cli
 
 SIZE = "107"  # smallest size with slim's aux head, so the whole head trains
 FAST = ["--image-size", SIZE, "--batch-size", "8", "--eval-every", "0"]
@@ -35,11 +35,6 @@ def dataset(tmp_path_factory) -> Path:
                      "--validation-fraction", "0.2", "--workers", "1")  # fmt: skip
     assert result.returncode == 0, result.stderr
     return root / "ds"
-
-
-def _variables(prefix: str) -> dict:
-    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
 def _config(dataset, train_dir, checkpoint, **overrides) -> TrainConfig:
@@ -69,8 +64,8 @@ def head_run(dataset, standin_checkpoint, tmp_path_factory):
 def test_training_logits_changes_only_the_head_and_learns(head_run, checkpoint_values):
     result, train_dir = head_run
     assert result.status == "completed" and result.global_step == 40
-    final = _variables(result.checkpoint)
-    first = _variables(str(train_dir / "model.ckpt-20"))
+    final = checkpoint_tensors(result.checkpoint)
+    first = checkpoint_tensors(str(train_dir / "model.ckpt-20"))
     network = {n for n in final if n.startswith("InceptionV3/") and "/Adam" not in n}
     outside = {n for n in network if not model.in_scopes(n, model.HEAD_SCOPES)}
     assert outside == {n for n in checkpoint_values if not model.in_scopes(n, model.HEAD_SCOPES)}
@@ -101,7 +96,7 @@ def test_the_graph_is_saved_with_the_last_checkpoint_only_and_imports(head_run):
             saver.restore(session, result.checkpoint)
             name = "InceptionV3/Logits/Conv2d_1c_1x1/weights"
             (head,) = [v for v in tf.compat.v1.global_variables() if v.op.name == name]
-            np.testing.assert_array_equal(session.run(head), _variables(result.checkpoint)[name])
+            np.testing.assert_array_equal(session.run(head), checkpoint_tensors(result.checkpoint)[name])
 
 
 @pytest.mark.slow
@@ -110,7 +105,7 @@ def test_training_mixed_7_also_changes_those_blocks_and_nothing_below(mixed_7_ru
     # bit (the head test asserts it): everything outside the trained scopes must still be exactly those.
     # Its Logits layer is already trained, so the blocks get a gradient from the first step.
     result, _ = mixed_7_run
-    final = _variables(result.checkpoint)
+    final = checkpoint_tensors(result.checkpoint)
     scopes = model.PRESETS["mixed_7"]
     for name in final:
         if name in checkpoint_values and not model.in_scopes(name, scopes):
@@ -196,8 +191,8 @@ def test_a_run_stopped_by_sigint_then_sigkill_resumes_to_the_same_variables(
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {killed_at}" in resumed.stderr
-    a = _variables(tf.train.latest_checkpoint(str(straight_run)))
-    b = _variables(tf.train.latest_checkpoint(str(stopped)))
+    a = checkpoint_tensors(tf.train.latest_checkpoint(str(straight_run)))
+    b = checkpoint_tensors(tf.train.latest_checkpoint(str(stopped)))
     assert a.keys() == b.keys() and int(a["global_step"]) == int(b["global_step"]) == 14
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -212,7 +207,7 @@ def test_two_cpu_towers_match_one_device(dataset, standin_checkpoint, tmp_path):
     one = train(_config(dataset, tmp_path / "one", standin_checkpoint, device="cpu", **common))
     two = train(_config(dataset, tmp_path / "two", standin_checkpoint, device="cpu:2", **common))
     assert two.devices == ("/cpu:0", "/cpu:1")
-    a, b = _variables(one.checkpoint), _variables(two.checkpoint)
+    a, b = checkpoint_tensors(one.checkpoint), checkpoint_tensors(two.checkpoint)
     weights = "InceptionV3/Logits/Conv2d_1c_1x1/weights"
     assert not np.array_equal(a[weights], np.zeros_like(a[weights]))
     for name in a:
@@ -293,13 +288,13 @@ def test_two_phase_recipe_builds_on_the_first_train_dir(dataset, head_run, mixed
     # The trained Logits layer came along: two adam steps at 1e-4 move it by at most about 2e-4, while the
     # first run moved it from zero by far more.
     name = "InceptionV3/Logits/Conv2d_1c_1x1/weights"
-    first, second = _variables(head.checkpoint)[name], _variables(deeper.checkpoint)[name]
+    first, second = checkpoint_tensors(head.checkpoint)[name], checkpoint_tensors(deeper.checkpoint)[name]
     assert np.abs(first).max() > 5e-3 and np.abs(second - first).max() < 5e-4
     # A head-only run from the first one (the cached path again) also starts from its trained head, not
     # from zero: one adam step at 1e-3 moves a weight by about 1e-3 at most.
     again = train(_config(dataset, tmp_path / "again", head_dir, steps=1))
     assert json.loads((tmp_path / "again" / "config.json").read_text())["feature_cache"] is True
-    third = _variables(again.checkpoint)[name]
+    third = checkpoint_tensors(again.checkpoint)[name]
     assert np.abs(third - first).max() < 2e-3
 
 
