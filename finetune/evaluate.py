@@ -302,10 +302,8 @@ def checkpoint_source(checkpoint_path: str, num_classes: int, compute_dtype: str
         return net.probabilities
 
     def restore(session):
-        variables = model.model_variables()
-        model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        # A run trained with --ema is evaluated on its averaged weights.
-        tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint)).restore(session, checkpoint.path)
+        # A run trained with --ema is evaluated on its averaged weights (model.restore takes them).
+        model.restore(session, model.model_variables(), checkpoint, flag="--checkpoint")
 
     return build, restore
 

@@ -391,11 +391,8 @@ def _freeze(checkpoint, num_classes: int, image_size: int, compute_dtype: str, t
 
     with tf.Graph().as_default() as graph:
         build_serving_graph(num_classes, image_size, compute_dtype, temperature, tta)
-        variables = model.model_variables()
-        model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        saver = tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint))  # --ema: averages
         with tf.compat.v1.Session(graph=graph) as session:
-            saver.restore(session, checkpoint.path)
+            model.restore(session, model.model_variables(), checkpoint, flag="--checkpoint")  # --ema: averages
             return tf.compat.v1.graph_util.convert_variables_to_constants(
                 session, graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT]
             )

@@ -112,11 +112,12 @@ def from_checkpoint(checkpoint_path: str, classes: list[str], image_size: int, c
     with graph.as_default():
         images = tf.compat.v1.placeholder(tf.float32, [None, image_size, image_size, 3], name="images")
         net = model.build(images, len(classes), compute_dtype=compute_dtype, restored=True)
-        variables = model.model_variables()
-        model.check_restorable(variables, checkpoint, flag="--checkpoint")
-        saver = tf.compat.v1.train.Saver(var_list=model.names_to_restore(variables, checkpoint))
         session = tf.compat.v1.Session(graph=graph, config=session_config())
-        saver.restore(session, checkpoint.path)
+        try:
+            model.restore(session, model.model_variables(), checkpoint, flag="--checkpoint")
+        except BaseException:
+            session.close()
+            raise
         return GradCam(graph, session, images, net.end_points["Mixed_7c"], net.logits, net.probabilities, classes)
 
 

@@ -520,16 +520,31 @@ def holds_averages(checkpoint: Checkpoint) -> bool:
     return any(name.endswith(f"/{AVERAGE_SUFFIX}") for name in checkpoint.shapes)
 
 
-def restore(session: tf.compat.v1.Session, variables: Sequence[tf.Variable], checkpoint: Checkpoint) -> None:
-    """Loads the variables' values (their moving averages where the checkpoint has them) from the checkpoint
-    (checked first with check_restorable)."""
-    check_restorable(variables, checkpoint)
+def restore(
+    session: tf.compat.v1.Session, variables: Sequence[tf.Variable], checkpoint: Checkpoint, flag: str = "--exclude"
+) -> None:
+    """Loads the variables' values (their moving averages where the checkpoint has them) from the checkpoint,
+    checked first with check_restorable. The one restore of every command: train, feature extraction,
+    evaluate, export and Grad-CAM.
+
+    ``flag`` is what a mismatch tells the user to pass: train's ``--exclude`` leaves layers out of the
+    restore; where every variable must come from the checkpoint (evaluate, export), ``--checkpoint``.
+
+    Raises:
+        CheckpointError: a variable the checkpoint lacks or holds at another shape, or a checkpoint whose
+            files cannot be read (truncated, damaged).
+    """
+    check_restorable(variables, checkpoint, flag)
     if not variables:
         return
     saver = tf.compat.v1.train.Saver(var_list=names_to_restore(variables, checkpoint), write_version=2)
     try:
         saver.restore(session, checkpoint.path)
     except tf.errors.OpError as exc:
+        reason = damaged_checkpoint(checkpoint.path)  # what is wrong with which file, read back tensor by tensor
+        if reason:
+            message = f"checkpoint {checkpoint.path} is damaged ({reason}); {DAMAGED_CHECKPOINT_FIX}"
+            raise CheckpointError(message) from None
         raise CheckpointError(
             f"--checkpoint {checkpoint.path}: restoring failed ({exc.message.splitlines()[0]}); "
             f"the file may be damaged: {DAMAGED_CHECKPOINT_FIX}"
