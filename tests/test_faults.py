@@ -466,7 +466,7 @@ def missing_step_run(trained_run, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["train", "evaluate", "export"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "evaluate --watch", "export"])
 def test_a_checkpoint_file_naming_a_missing_step_says_which_and_what_to_pass(
     missing_step_run, trained_run, standin_checkpoint, tmp_path, command
 ):
@@ -476,6 +476,7 @@ def test_a_checkpoint_file_naming_a_missing_step_says_which_and_what_to_pass(
                   str(standin_checkpoint), "--image-size", "75", "--batch-size", "8", "--steps", "41",
                   "--eval-every", "0"],
         "evaluate": ["evaluate", "--train-dir", str(run)],
+        "evaluate --watch": ["evaluate", "--train-dir", str(run), "--watch", "--watch-minutes", "0.1"],
         "export": ["export", "--train-dir", str(run), "--out", str(tmp_path / "m.pb")],
     }[command]  # fmt: skip
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
