@@ -165,7 +165,7 @@ def _damaged_shard(config: object) -> str | None:
 def _damaged_checkpoint(config: object) -> str | None:
     """"checkpoint X is damaged (...); pass another" for the checkpoint the command reads, if it is damaged."""
     try:
-        from finetune.model import DAMAGED_CHECKPOINT_FIX, damaged_checkpoint
+        from finetune.model import damaged_checkpoint
         from finetune.rundir import newest_checkpoint
 
         prefix = getattr(config, "checkpoint", None)
@@ -175,10 +175,9 @@ def _damaged_checkpoint(config: object) -> str | None:
             prefix = newest_checkpoint(config.train_dir)
         if not prefix:
             return None
-        reason = damaged_checkpoint(str(prefix))
+        return damaged_checkpoint(str(prefix))
     except (FinetuneError, OSError):
         return None
-    return f"checkpoint {prefix} is damaged ({reason}); {DAMAGED_CHECKPOINT_FIX}" if reason else None
 
 
 def translated_command_errors(config: object) -> contextlib.AbstractContextManager:

@@ -406,7 +406,8 @@ DAMAGED_CHECKPOINT_FIX = (
 
 
 def damaged_checkpoint(prefix: str) -> str | None:
-    """Why the checkpoint at ``prefix`` cannot be read whole (a truncated .index or .data), or None.
+    """The error for a checkpoint that cannot be read whole (a truncated .index or .data): "checkpoint PREFIX
+    is damaged (why); pass another ...", or None when every tensor reads.
 
     Reads every tensor, so it is run once a restore has already failed, to name the file to the user.
     """
@@ -415,7 +416,8 @@ def damaged_checkpoint(prefix: str) -> str | None:
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
     except (tf.errors.OpError, ValueError, IndexError) as exc:  # IndexError: "Read less bytes than requested"
-        return (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+        reason = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+        return f"checkpoint {prefix} is damaged ({reason}); {DAMAGED_CHECKPOINT_FIX}"
     return None
 
 
@@ -541,10 +543,9 @@ def restore(
     try:
         saver.restore(session, checkpoint.path)
     except tf.errors.OpError as exc:
-        reason = damaged_checkpoint(checkpoint.path)  # what is wrong with which file, read back tensor by tensor
-        if reason:
-            message = f"checkpoint {checkpoint.path} is damaged ({reason}); {DAMAGED_CHECKPOINT_FIX}"
-            raise CheckpointError(message) from None
+        damaged = damaged_checkpoint(checkpoint.path)  # which file is wrong and why, read tensor by tensor
+        if damaged:
+            raise CheckpointError(damaged) from None
         raise CheckpointError(
             f"--checkpoint {checkpoint.path}: restoring failed ({exc.message.splitlines()[0]}); "
             f"the file may be damaged: {DAMAGED_CHECKPOINT_FIX}"
