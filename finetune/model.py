@@ -526,8 +526,9 @@ def restore(
     session: tf.compat.v1.Session, variables: Sequence[tf.Variable], checkpoint: Checkpoint, flag: str = "--exclude"
 ) -> None:
     """Loads the variables' values (their moving averages where the checkpoint has them) from the checkpoint,
-    checked first with check_restorable. The one restore of every command: train, feature extraction,
-    evaluate, export and Grad-CAM.
+    checked first with check_restorable. The one restore of the network from a checkpoint: a run's start
+    (from the pretrained or an earlier run's weights), feature extraction, evaluate, export and Grad-CAM. A
+    resumed run reloads its own checkpoint whole (optimizer slots and step too) through its own Saver.
 
     ``flag`` is what a mismatch tells the user to pass: train's ``--exclude`` leaves layers out of the
     restore; where every variable must come from the checkpoint (evaluate, export), ``--checkpoint``.
