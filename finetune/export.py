@@ -69,8 +69,10 @@ ONNX_INSTALL = "pip install 'finetune[onnx]'"
 
 
 def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32",
-                        temperature: float | None = None, tta: str = "none"):  # fmt: skip
+                        temperature: float | None = None, tta: str = "none", values_from=None):  # fmt: skip
     """Builds the inference network with both entry points in the current graph; returns the outputs.
+    With ``values_from`` (a model.Checkpoint) the weights are that checkpoint's values, as constants (see
+    model.build); without it they are variables to restore.
 
     ``input`` and the outputs are float32 whatever ``compute_dtype``; a 16-bit graph casts inside. With a
     ``temperature``, ``probabilities`` is softmax(logits / temperature) (calibrated; the same argmax) while
@@ -93,7 +95,8 @@ def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = 
     images = tf.compat.v1.placeholder_with_default(decoded, [None, image_size, image_size, 3], name=INPUT)
     views = 2 if tta == "flip" else 1
     both = tf.concat([images, tf.reverse(images, axis=[2])], 0, name="tta_flip") if views == 2 else images
-    net = model.build(both, num_classes, compute_dtype=compute_dtype, restored=True)
+    net = model.build(both, num_classes, compute_dtype=compute_dtype, restored=values_from is None,
+                      values_from=values_from)  # fmt: skip
     scores = net.probabilities if temperature is None else tf.nn.softmax(net.logits / temperature)
 
     def per_image(values):  # [views * N, C] -> the mean over the views, [N, C]
@@ -338,6 +341,11 @@ def export(config: ExportConfig) -> ExportResult:
     compute_dtype = precision.BFLOAT16 if bf16 else precision.FLOAT32
     temperature = _temperature(train_dir, chosen.step) if config.calibrate else None
     frozen = _freeze(checkpoint, len(classes), image_size, compute_dtype, temperature, config.tta)
+    if config.calibrate and temperature is None:  # said once the checkpoint froze: an error would make it moot
+        which = f"step {chosen.step} of {train_dir}" if chosen.step is not None else f"{checkpoint.path}"
+        log.warning(f"no temperature fitted for {which}: exporting uncalibrated probabilities; training fits "
+                    "one for the checkpoint it ends on when it has validation passes; pass --no-calibrate to "
+                    "silence this")  # fmt: skip
     cut = input_path_graph(frozen, image_size) if {"tflite", "onnx"} & set(config.format) else None
     formats = list(dict.fromkeys(config.format))
     data = frozen.SerializeToString()
@@ -385,17 +393,13 @@ def export(config: ExportConfig) -> ExportResult:
 
 def _freeze(checkpoint, num_classes: int, image_size: int, compute_dtype: str, temperature: float | None,
             tta: str):  # fmt: skip
-    """The serving graph with the checkpoint's values as constants: a GraphDef of the outputs alone."""
-    from finetune import model
+    """The serving graph with the checkpoint's values (its averages, from --ema) as constants: a GraphDef
+    of the outputs alone."""
     from finetune.compat import tf
 
     with tf.Graph().as_default() as graph:
-        build_serving_graph(num_classes, image_size, compute_dtype, temperature, tta)
-        with tf.compat.v1.Session(graph=graph) as session:
-            model.restore(session, model.model_variables(), checkpoint, flag="--checkpoint")  # --ema: averages
-            return tf.compat.v1.graph_util.convert_variables_to_constants(
-                session, graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT]
-            )
+        build_serving_graph(num_classes, image_size, compute_dtype, temperature, tta, values_from=checkpoint)
+        return tf.compat.v1.graph_util.extract_sub_graph(graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT])
 
 
 def _size(path: Path) -> int:
@@ -405,13 +409,8 @@ def _size(path: Path) -> int:
 
 
 def _temperature(train_dir: Path, step: int | None) -> float | None:
-    """The temperature fitted for the exported step, or None (with a warning) when none was."""
+    """The temperature fitted for the exported step, or None when none was."""
     from finetune import rundir
 
     fit = rundir.read_calibration(train_dir, step)
-    if fit is None:
-        log.warning(f"no temperature fitted for step {step} of {train_dir}: exporting uncalibrated probabilities; "
-                    "training fits one for the checkpoint it ends on when it has validation passes; pass "
-                    "--no-calibrate to silence this")  # fmt: skip
-        return None
-    return float(fit["temperature"])
+    return None if fit is None else float(fit["temperature"])

@@ -10,7 +10,9 @@ repeats, after one untimed build that warms Python's and TensorFlow's caches:
 - `inference`: `model.build(images, classes)`, the graph evaluate or export would build without `restored`;
 - `restored`: the same with `restored=True`, as evaluate, export, feature extraction and Grad-CAM build it;
 - `training_head`: with the head's scopes in training mode (the aux head included from 107 px);
-- `variables_only`: `model.create_variables(classes)`, what the head trained on cached features holds.
+- `variables_only`: `model.create_variables(classes)`, what the head trained on cached features holds;
+- `frozen`: `model.build(images, classes, values_from=checkpoint)`, export's graph: the checkpoint's values as
+  constants (a stand-in checkpoint of `--classes` classes, written first to a temporary folder).
 
 `PYTHONPATH=OLD_CHECKOUT python scripts/bench_graph_build.py` times an older finetune; a way it does not have
 is reported as null.
@@ -23,7 +25,9 @@ import inspect
 import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def main() -> int:
@@ -35,8 +39,14 @@ def main() -> int:
 
     from finetune import model
     from finetune.compat import tf
+    from finetune.synthetic import write_standin_checkpoint
 
     size, classes = args.image_size, args.classes
+    frozen = "values_from" in inspect.signature(model.build).parameters
+    folder = tempfile.TemporaryDirectory()
+    if frozen:
+        checkpoint = model.open_checkpoint(write_standin_checkpoint(Path(folder.name) / "standin.ckpt",
+                                                                    num_classes=classes))  # fmt: skip
 
     def images():
         return tf.compat.v1.placeholder(tf.float32, [None, size, size, 3])
@@ -46,10 +56,12 @@ def main() -> int:
         "restored": lambda: model.build(images(), classes, restored=True),
         "training_head": lambda: model.build(images(), classes, train_scopes=model.HEAD_SCOPES),
         "variables_only": lambda: model.create_variables(classes),
+        "frozen": lambda: model.build(images(), classes, values_from=checkpoint),
     }
     # An older checkout lacks the newer ways: they are reported as null rather than timed.
     missing = set() if "restored" in inspect.signature(model.build).parameters else {"restored"}
     missing |= set() if hasattr(model, "create_variables") else {"variables_only"}
+    missing |= set() if frozen else {"frozen"}
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     operations: dict[str, int] = {}
     for round_ in range(args.repeats + 1):
@@ -72,6 +84,7 @@ def main() -> int:
         "operations": operations,
     }
     print(json.dumps(report))
+    folder.cleanup()
     return 0
 
 

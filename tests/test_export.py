@@ -135,3 +135,16 @@ def test_export_refuses_a_name_without_pb(trained_run, tmp_path):
     result = run_cli("export", "--train-dir", str(trained_run.train_dir), "--out", str(tmp_path / "model.bin"))
     assert result.returncode == 1 and "--out" in result.stderr and ".pb" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_of_another_head_is_refused_naming_its_layers(trained_run, standin_checkpoint, tmp_path):
+    """The pretrained 1001-class checkpoint given to a 6-class run: its head cannot be frozen into the graph."""
+    result = run_cli("export", "--train-dir", str(trained_run.train_dir), "--checkpoint", str(standin_checkpoint),
+                     "--out", str(tmp_path / "model.pb"))  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: InceptionV3/Logits/Conv2d_1c_1x1/weights has shape [1, 1, 2048, 6] in the "
+                               "model but [1, 1, 2048, 1001] in checkpoint")  # fmt: skip
+    assert "(and 1 more variable)" in lines[0] and str(standin_checkpoint) in lines[0]
+    assert lines[0].endswith("pass --checkpoint a checkpoint of this model (one of its train dir's steps)")
+    assert not list(tmp_path.iterdir())
