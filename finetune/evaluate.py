@@ -450,7 +450,7 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
     if config.tta != "none":
         evaluation.tta = config.tta
         evaluation.top1_without_tta = float((extras["plain_probabilities"].argmax(1) == labels).mean())
-    _add_calibration(evaluation, probabilities, labels, train_dir, report)
+    _add_calibration(evaluation, probabilities, labels, train_dir, report, None if config.model else chosen.step)
     png = report.with_suffix(".png")
     evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
     evaluation.report = str(report)
@@ -585,9 +585,11 @@ def fit_and_record(train_dir: Path, probabilities: np.ndarray, labels: np.ndarra
     return {**fit, "step": step, "reliability_png": str(png)}
 
 
-def _add_calibration(evaluation: Evaluation, probabilities, labels, train_dir: Path | None, report: Path) -> None:
+def _add_calibration(evaluation: Evaluation, probabilities, labels, train_dir: Path | None, report: Path,
+                     step: int | None) -> None:  # fmt: skip
     """The ECE, and for a train dir's checkpoint the temperature (fitted here on the validation split, else
-    the one training recorded for the step) with the ECE it gives, and the reliability diagram."""
+    the one training recorded for ``step``, the run's step the checkpoint is) with the ECE it gives, and the
+    reliability diagram."""
     from finetune import calibration
 
     evaluation.ece = calibration.expected_calibration_error(probabilities, labels)
@@ -598,7 +600,7 @@ def _add_calibration(evaluation: Evaluation, probabilities, labels, train_dir: P
         temperature = calibration.fit_temperature(calibration.log_probabilities(probabilities), labels)
         fit = {"temperature": temperature}
     elif train_dir is not None:
-        fit = rundir.read_calibration(train_dir, evaluation.global_step)
+        fit = rundir.read_calibration(train_dir, step)
     if fit:
         calibrated = calibration.softmax(calibration.log_probabilities(probabilities), fit["temperature"])
         evaluation.temperature = fit["temperature"]

@@ -308,7 +308,7 @@ class ChosenCheckpoint:
     """The checkpoint evaluate or export takes from a train dir, and a phrase saying which it is."""
 
     path: str
-    step: int | None
+    step: int | None  # the step of this run it holds; None for a checkpoint from outside the train dir
     which: str  # e.g. "best (step 40, validation accuracy 0.9300)", "newest (step 60)", "given"
 
 
@@ -320,7 +320,11 @@ def choose_checkpoint(train_dir: str | Path, choice: str | None, flag: str = "--
     """
     train_dir = Path(train_dir)
     if choice not in (None, "newest", "best"):
-        return ChosenCheckpoint(choice, checkpoint_step(choice), "given")
+        # A path into the train dir (or its best/) names one of the run's steps, whose calibration applies; a
+        # checkpoint elsewhere (another run's, the pretrained one) is no step of this run, whatever its name.
+        folder = Path(choice).resolve().parent
+        ours = folder in (train_dir.resolve(), (train_dir / BEST_DIR).resolve())
+        return ChosenCheckpoint(choice, checkpoint_step(choice) if ours else None, "given")
     best = read_best(train_dir) if choice != "newest" else None
     if best is not None:
         return ChosenCheckpoint(best.checkpoint, best.step,

@@ -7,6 +7,7 @@ accuracy climbs, peaks and drops again; everything is seeded, so a second run re
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,15 @@ def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_
     assert np.array_equal(probabilities.argmax(1), logits.argmax(1))
     plain = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "plain.pb"), calibrate=False))
     assert plain.temperature is None and json.loads((tmp_path / "plain.json").read_text())["temperature"] is None
+    # The same weights from outside the train dir (a copy, as another run's would be): no step of this run, so
+    # the temperature fitted for the step its name carries is not folded in.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for part in Path(best.checkpoint).parent.glob(Path(best.checkpoint).name + ".*"):
+        shutil.copy(part, elsewhere / part.name)
+    copied = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "copied.pb"),
+                                 checkpoint=str(elsewhere / Path(best.checkpoint).name)))  # fmt: skip
+    assert copied.checkpoint_choice == "given" and copied.temperature is None
 
 
 @pytest.mark.slow
