@@ -12,12 +12,13 @@ def session_config(cpu_devices: int = 1):
     pipeline has a pool of its own (finetune.dataset.read_dataset), and one inter-op thread was no faster
     in the benchmark (scripts/benchmark.py).
 
-    On a machine without a GPU, four of Grappler's passes are off: layout (NCHW for cuDNN), memory (swapping
-    GPU memory to the host), the implementation selector (cuDNN versions of functions) and the TFG (MLIR)
-    round trips. On finetune's graphs they change no node on a CPU (TF_CPP_VMODULE=meta_optimizer=1 reports
-    "(0)" nodes and edges changed for each) yet walked every graph a session ran: 1.2 of 2.8 s Grappler spent
-    in a short training run (6 steps at 75 px, Mixed_7c trained, two validation passes). The trained weights
-    come out bit for bit the same.
+    On a machine without a GPU, three of Grappler's passes are off: layout (NCHW for cuDNN), the
+    implementation selector (cuDNN versions of functions) and the TFG (MLIR) round trips. On finetune's
+    graphs they change no node on a CPU (TF_CPP_VMODULE=meta_optimizer=1 reports "(0)" nodes and edges
+    changed for each) yet walked every graph a session ran: about 1 s of the 2.8 s Grappler spent in a short
+    training run (6 steps at 75 px, Mixed_7c trained, two validation passes); the trained weights come out
+    bit for bit the same. The memory pass stays on: on any device it may rewrite large sums to lower the peak
+    when a graph's estimated memory nears the device's.
 
     Args:
         cpu_devices: logical CPU devices to create; more than one only for `train --device cpu:N` towers.
@@ -29,7 +30,6 @@ def session_config(cpu_devices: int = 1):
     if not tf.config.list_physical_devices("GPU"):
         rewrite = config.graph_options.rewrite_options
         rewrite.layout_optimizer = rewrite.OFF
-        rewrite.memory_optimization = rewrite.NO_MEM_OPT
         rewrite.implementation_selector = rewrite.OFF
         rewrite.disable_tfg_optimizer = True
     return config
