@@ -414,8 +414,10 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
         else:
             build, restore = frozen_source(Path(config.model), heat_maps=config.html)
     else:
+        from finetune import model
+
         chosen = rundir.choose_checkpoint(train_dir, checkpoint or config.checkpoint)
-        source = chosen.path
+        source = model.open_checkpoint(chosen.path).path  # a folder or an .index file given: its prefix
         compute = precision.resolve(config.precision or "fp32")
         used = compute.precision
         build, restore = checkpoint_source(source, len(classes), compute.dtype, heat_maps=config.html)
@@ -450,7 +452,8 @@ def evaluate(config: EvaluateConfig, checkpoint: str | None = None) -> Evaluatio
     if config.tta != "none":
         evaluation.tta = config.tta
         evaluation.top1_without_tta = float((extras["plain_probabilities"].argmax(1) == labels).mean())
-    _add_calibration(evaluation, probabilities, labels, train_dir, report, None if config.model else chosen.step)
+    own_step = None if config.model else rundir.run_step(train_dir, source)  # None: not a step of this run
+    _add_calibration(evaluation, probabilities, labels, train_dir, report, own_step)
     png = report.with_suffix(".png")
     evaluation.confusion_png = str(draw_confusion(evaluation.confusion, classes, png))
     evaluation.report = str(report)

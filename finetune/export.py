@@ -1,8 +1,8 @@
 """Freeze a trained run into one `.pb` that plain TensorFlow can run, with its labels and a JSON sidecar.
 
 The exported graph is rebuilt for inference (batch norm on moving statistics, no dropout, no aux head, no
-training ops), loaded with the run's newest checkpoint, and its variables turned into constants. It has two
-entry points into one network:
+training ops) with the chosen checkpoint's values (the best, else the newest; their averages with --ema) as
+constants. It has two entry points into one network:
 
 - ``input``: float32 [N, S, S, 3], images already preprocessed into [-1, 1] (slim's convention);
 - ``image_bytes``: string [N], whole JPEG, PNG, GIF or BMP files, decoded, centre-cropped and resized in the
@@ -68,11 +68,10 @@ ONNX_OPSET = 17
 ONNX_INSTALL = "pip install 'finetune[onnx]'"
 
 
-def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = "float32",
-                        temperature: float | None = None, tta: str = "none", values_from=None):  # fmt: skip
-    """Builds the inference network with both entry points in the current graph; returns the outputs.
-    With ``values_from`` (a model.Checkpoint) the weights are that checkpoint's values, as constants (see
-    model.build); without it they are variables to restore.
+def build_serving_graph(checkpoint, num_classes: int, image_size: int, compute_dtype: str = "float32",
+                        temperature: float | None = None, tta: str = "none"):  # fmt: skip
+    """Builds the inference network with both entry points in the current graph, its weights the values of
+    ``checkpoint`` (a model.Checkpoint) as constants (model.build's ``values_from``); returns the outputs.
 
     ``input`` and the outputs are float32 whatever ``compute_dtype``; a 16-bit graph casts inside. With a
     ``temperature``, ``probabilities`` is softmax(logits / temperature) (calibrated; the same argmax) while
@@ -95,8 +94,7 @@ def build_serving_graph(num_classes: int, image_size: int, compute_dtype: str = 
     images = tf.compat.v1.placeholder_with_default(decoded, [None, image_size, image_size, 3], name=INPUT)
     views = 2 if tta == "flip" else 1
     both = tf.concat([images, tf.reverse(images, axis=[2])], 0, name="tta_flip") if views == 2 else images
-    net = model.build(both, num_classes, compute_dtype=compute_dtype, restored=values_from is None,
-                      values_from=values_from)  # fmt: skip
+    net = model.build(both, num_classes, compute_dtype=compute_dtype, values_from=checkpoint)
     scores = net.probabilities if temperature is None else tf.nn.softmax(net.logits / temperature)
 
     def per_image(values):  # [views * N, C] -> the mean over the views, [N, C]
@@ -339,13 +337,11 @@ def export(config: ExportConfig) -> ExportResult:
     # The type is frozen into the graph, not chosen per machine: bf16 is bfloat16 wherever the .pb runs.
     bf16 = config.precision == "bf16"
     compute_dtype = precision.BFLOAT16 if bf16 else precision.FLOAT32
-    temperature = _temperature(train_dir, chosen.step) if config.calibrate else None
+    own_step = rundir.run_step(train_dir, checkpoint.path)  # None: not a checkpoint of this run
+    temperature = _temperature(train_dir, own_step) if config.calibrate else None
     frozen = _freeze(checkpoint, len(classes), image_size, compute_dtype, temperature, config.tta)
     if config.calibrate and temperature is None:  # said once the checkpoint froze: an error would make it moot
-        which = f"step {chosen.step} of {train_dir}" if chosen.step is not None else f"{checkpoint.path}"
-        log.warning(f"no temperature fitted for {which}: exporting uncalibrated probabilities; training fits "
-                    "one for the checkpoint it ends on when it has validation passes; pass --no-calibrate to "
-                    "silence this")  # fmt: skip
+        log.warning(_uncalibrated(train_dir, checkpoint.path, own_step))
     cut = input_path_graph(frozen, image_size) if {"tflite", "onnx"} & set(config.format) else None
     formats = list(dict.fromkeys(config.format))
     data = frozen.SerializeToString()
@@ -398,7 +394,7 @@ def _freeze(checkpoint, num_classes: int, image_size: int, compute_dtype: str, t
     from finetune.compat import tf
 
     with tf.Graph().as_default() as graph:
-        build_serving_graph(num_classes, image_size, compute_dtype, temperature, tta, values_from=checkpoint)
+        build_serving_graph(checkpoint, num_classes, image_size, compute_dtype, temperature, tta)
         return tf.compat.v1.graph_util.extract_sub_graph(graph.as_graph_def(), [PROBABILITIES, LOGITS, SLIM_OUTPUT])
 
 
@@ -406,6 +402,17 @@ def _size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return path.stat().st_size
+
+
+def _uncalibrated(train_dir: Path, checkpoint: str, step: int | None) -> str:
+    """The warning for an export without a temperature: why there is none, and what to do."""
+    if step is None:
+        return (f"{checkpoint} is not a checkpoint of {train_dir}, so no temperature this run fitted applies: "
+                "exporting uncalibrated probabilities; export it with its own run's --train-dir to calibrate, "
+                "or pass --no-calibrate to silence this")  # fmt: skip
+    return (f"no temperature fitted for step {step} of {train_dir}: exporting uncalibrated probabilities; "
+            "training fits one for the checkpoint it ends on when it has validation passes; pass --no-calibrate "
+            "to silence this")  # fmt: skip
 
 
 def _temperature(train_dir: Path, step: int | None) -> float | None:

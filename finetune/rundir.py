@@ -312,6 +312,15 @@ class ChosenCheckpoint:
     which: str  # e.g. "best (step 40, validation accuracy 0.9300)", "newest (step 60)", "given"
 
 
+def run_step(train_dir: str | Path, prefix: str | Path) -> int | None:
+    """The step of the run in ``train_dir`` that a checkpoint prefix holds: its number when the checkpoint lies in
+    the train dir or its best/ folder, else None. A checkpoint elsewhere (another run's, a copy, the pretrained
+    one) is no step of this run whatever its name says, so the temperatures this run fitted do not apply."""
+    train_dir = Path(train_dir).resolve()
+    inside = Path(prefix).resolve().parent in (train_dir, (train_dir / BEST_DIR).resolve())
+    return checkpoint_step(prefix) if inside else None
+
+
 def choose_checkpoint(train_dir: str | Path, choice: str | None, flag: str = "--checkpoint") -> ChosenCheckpoint:
     """Resolves ``--checkpoint newest|best|PATH`` (None: the best when the run has one, else the newest).
 
@@ -320,11 +329,7 @@ def choose_checkpoint(train_dir: str | Path, choice: str | None, flag: str = "--
     """
     train_dir = Path(train_dir)
     if choice not in (None, "newest", "best"):
-        # A path into the train dir (or its best/) names one of the run's steps, whose calibration applies; a
-        # checkpoint elsewhere (another run's, the pretrained one) is no step of this run, whatever its name.
-        folder = Path(choice).resolve().parent
-        ours = folder in (train_dir.resolve(), (train_dir / BEST_DIR).resolve())
-        return ChosenCheckpoint(choice, checkpoint_step(choice) if ours else None, "given")
+        return ChosenCheckpoint(choice, run_step(train_dir, choice), "given")
     best = read_best(train_dir) if choice != "newest" else None
     if best is not None:
         return ChosenCheckpoint(best.checkpoint, best.step,

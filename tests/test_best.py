@@ -129,9 +129,16 @@ def test_the_temperature_training_fitted_is_evaluate_s_and_export_folds_it(full_
     elsewhere.mkdir()
     for part in Path(best.checkpoint).parent.glob(Path(best.checkpoint).name + ".*"):
         shutil.copy(part, elsewhere / part.name)
-    copied = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "copied.pb"),
-                                 checkpoint=str(elsewhere / Path(best.checkpoint).name)))  # fmt: skip
+    copy = str(elsewhere / Path(best.checkpoint).name)
+    copied = export(ExportConfig(train_dir=str(train_dir), out=str(tmp_path / "copied.pb"), checkpoint=copy))
     assert copied.checkpoint_choice == "given" and copied.temperature is None
+    # evaluate off the validation split applies the temperature recorded for the step, to the run's own
+    # checkpoint (given as its folder) and not to the copy.
+    own = evaluate(EvaluateConfig(train_dir=str(train_dir), split="train", html=False,
+                                  checkpoint=str(train_dir / rundir.BEST_DIR)))  # fmt: skip
+    assert own.global_step == best.step and own.temperature == pytest.approx(temperature)
+    assert evaluate(EvaluateConfig(train_dir=str(train_dir), split="train", html=False,
+                                   checkpoint=copy)).temperature is None  # fmt: skip
 
 
 @pytest.mark.slow

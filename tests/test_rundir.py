@@ -145,3 +145,21 @@ def test_a_truncated_config_in_a_fresh_process_prints_no_traceback(truncated_run
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {truncated_run / 'config.json'} is unreadable or truncated")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_is_a_step_of_the_run_only_inside_its_train_dir(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "flowers"
+    (run / rundir.BEST_DIR).mkdir(parents=True)
+    assert rundir.run_step(run, run / "model.ckpt-40") == 40
+    assert rundir.run_step(run, run / rundir.BEST_DIR / "model.ckpt-24") == 24
+    assert rundir.run_step(run, run / "sub" / ".." / "model.ckpt-8") == 8
+    monkeypatch.chdir(tmp_path / "runs")
+    assert rundir.run_step("flowers", "flowers/model.ckpt-40") == 40
+    (tmp_path / "link").symlink_to(run)
+    assert rundir.run_step(tmp_path / "link", run / "model.ckpt-40") == 40
+    assert rundir.run_step(run, tmp_path / "link" / "model.ckpt-40") == 40
+    # Another run's checkpoint, or a copy, names a step of its own run, not of this one.
+    assert rundir.run_step(run, tmp_path / "runs" / "other" / "model.ckpt-40") is None
+    assert rundir.run_step(run, tmp_path / "model.ckpt-40") is None
+    assert rundir.choose_checkpoint(run, str(tmp_path / "copy" / "model.ckpt-40")).step is None
+    assert rundir.choose_checkpoint(run, str(run / "model.ckpt-40")).step == 40
