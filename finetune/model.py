@@ -176,6 +176,8 @@ def build(
         CheckpointError: with ``values_from``, as restore raises it.
     """
     size = _checked_size(images, num_classes)
+    if restored and values_from is not None:
+        raise ValueError("restored and values_from exclude each other: a graph of constants restores nothing")
     train_scopes = tuple(train_scopes)
     with_aux = (
         aux_logits and in_scopes(AUX_SCOPE, train_scopes) and aux_head_fits(size)
@@ -290,7 +292,7 @@ def _checkpoint_values(checkpoint: Checkpoint | None):
         shape, dtype = tf.TensorShape(shape).as_list(), tf.as_dtype(dtype).base_dtype
         source = f"{name}/{AVERAGE_SUFFIX}" if f"{name}/{AVERAGE_SUFFIX}" in checkpoint.shapes else name
         if checkpoint.shapes.get(source) != shape:
-            unrestorable.append((name, shape))
+            unrestorable.append((source, shape))
             return tf.zeros(shape, dtype)
         try:
             value = reader.get_tensor(source)
@@ -579,7 +581,7 @@ def restore(
     the values into constants instead (build's ``values_from``).
 
     ``flag`` is what a mismatch tells the user to pass: train's ``--exclude`` leaves layers out of the
-    restore; where every variable must come from the checkpoint (evaluate, export), ``--checkpoint``.
+    restore; where every variable must come from the checkpoint (evaluate, Grad-CAM), ``--checkpoint``.
 
     Raises:
         CheckpointError: a variable the checkpoint lacks or holds at another shape, or a checkpoint whose

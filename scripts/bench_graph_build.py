@@ -7,8 +7,8 @@ Every command starts by building a graph, one Python thread doing it, so this is
 start-up (TensorFlow's import aside). Each build is a fresh graph; the figure per way is the median of the
 repeats, after one untimed build that warms Python's and TensorFlow's caches:
 
-- `inference`: `model.build(images, classes)`, the graph evaluate or export would build without `restored`;
-- `restored`: the same with `restored=True`, as evaluate, export, feature extraction and Grad-CAM build it;
+- `inference`: `model.build(images, classes)`, the graph evaluate would build without `restored`;
+- `restored`: the same with `restored=True`, as evaluate, feature extraction and Grad-CAM build it;
 - `training_head`: with the head's scopes in training mode (the aux head included from 107 px);
 - `variables_only`: `model.create_variables(classes)`, what the head trained on cached features holds;
 - `frozen`: `model.build(images, classes, values_from=checkpoint)`, export's graph: the checkpoint's values as
