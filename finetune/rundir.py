@@ -308,7 +308,10 @@ class ChosenCheckpoint:
     """The checkpoint evaluate or export takes from a train dir, and a phrase saying which it is."""
 
     path: str
-    step: int | None  # the step of this run it holds; None for a checkpoint from outside the train dir
+    # The step of this run it holds (None outside the train dir). For a given path, judged from the path as
+    # typed (a folder or an .index file gives None): export and evaluate judge the checkpoint they open with
+    # run_step instead.
+    step: int | None
     which: str  # e.g. "best (step 40, validation accuracy 0.9300)", "newest (step 60)", "given"
 
 
